@@ -1,0 +1,255 @@
+"""VNN-LIB 1.0 properties (the VNN-COMP format) compiled to input boxes and `Spec`s.
+
+The assertions of a VNN-LIB file describe the *unsafe* region: an input X and output Y that
+satisfy all of them is a counterexample. We bring the assertions into disjunctive normal
+form; each disjunct is an input box (bounds on the X_i) and an output polytope {A y <= b}.
+Disjuncts with the same input box share one `VnnlibCase`, whose `Spec` has one group per
+polytope (the property holds on that box iff every polytope is unreachable, i.e. every group
+has a row a_i y > b_i everywhere). The property holds iff it holds for every case.
+
+Supported: declare-const (Real), assert, and/or, <=, >=, <, > (strict comparisons are read as
+non-strict, which only enlarges the unsafe region), linear terms with +, -, * by constants.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from itertools import product
+from typing import Union
+
+import numpy as np
+import torch
+
+from verikit.errors import SpecError
+from verikit.spec import Spec
+
+_TOKEN = re.compile(r"\(|\)|[^\s()]+")
+
+
+@dataclass
+class _Tok:
+    text: str
+    line: int
+
+
+@dataclass
+class _List:
+    items: list
+    line: int
+
+
+@dataclass
+class VnnlibCase:
+    """One input box with the output polytopes that must be unreachable from it."""
+
+    lo: np.ndarray  # (num_inputs,)
+    hi: np.ndarray
+    spec: Spec  # C: (m, num_outputs), d: (m,), one group per unsafe polytope
+
+
+@dataclass
+class VnnlibProperty:
+    cases: list
+    num_inputs: int
+    num_outputs: int
+    path: str = ""
+
+
+def _tokenize(text: str, path: str) -> list[_Tok]:
+    toks = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.split(";", 1)[0]
+        toks.extend(_Tok(m.group(0), lineno) for m in _TOKEN.finditer(line))
+    return toks
+
+
+def _parse_sexprs(toks: list[_Tok], path: str) -> list[_List]:
+    stack: list[_List] = []
+    top: list = []
+    for t in toks:
+        if t.text == "(":
+            stack.append(_List([], t.line))
+        elif t.text == ")":
+            if not stack:
+                raise SpecError(f"{path}:{t.line}: unbalanced ')'")
+            done = stack.pop()
+            (stack[-1].items if stack else top).append(done)
+        else:
+            if not stack:
+                raise SpecError(f"{path}:{t.line}: unexpected token {t.text!r} outside parentheses")
+            stack[-1].items.append(t)
+    if stack:
+        raise SpecError(f"{path}:{stack[-1].line}: '(' opened here is never closed")
+    return top
+
+
+_VAR = re.compile(r"^([XY])_(\d+)$")
+Linear = dict  # var key ('X', i) / ('Y', j) / 1 (constant) -> coefficient
+
+
+def _term(e, path: str, declared: set) -> Linear:
+    if isinstance(e, _Tok):
+        m = _VAR.match(e.text)
+        if m:
+            if e.text not in declared:
+                raise SpecError(f"{path}:{e.line}: variable {e.text} used before declare-const")
+            return {(m.group(1), int(m.group(2))): 1.0}
+        try:
+            return {1: float(e.text)}
+        except ValueError:
+            raise SpecError(f"{path}:{e.line}: expected a number or X_i/Y_j, got {e.text!r}") from None
+    if not e.items or not isinstance(e.items[0], _Tok):
+        raise SpecError(f"{path}:{e.line}: malformed term")
+    op, args = e.items[0].text, [_term(a, path, declared) for a in e.items[1:]]
+    if op == "+":
+        return _add(*args)
+    if op == "-":
+        if len(args) == 1:
+            return _scale(args[0], -1.0)
+        return _add(args[0], *(_scale(a, -1.0) for a in args[1:]))
+    if op == "*":
+        consts = [a for a in args if set(a) <= {1}]
+        others = [a for a in args if not set(a) <= {1}]
+        if len(others) > 1:
+            raise SpecError(f"{path}:{e.line}: product of variables is not linear")
+        c = float(np.prod([a.get(1, 0.0) for a in consts]))
+        return _scale(others[0], c) if others else {1: c}
+    raise SpecError(f"{path}:{e.line}: unknown operator {op!r} in term")
+
+
+def _add(*ts: Linear) -> Linear:
+    out: Linear = {}
+    for t in ts:
+        for k, v in t.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+def _scale(t: Linear, c: float) -> Linear:
+    return {k: c * v for k, v in t.items()}
+
+
+Constraint = Linear  # meaning: expression <= 0
+Formula = list  # DNF: list of conjunctions (lists of constraints)
+
+
+def _formula(e, path: str, declared: set) -> Formula:
+    if not isinstance(e, _List) or not e.items or not isinstance(e.items[0], _Tok):
+        raise SpecError(f"{path}:{getattr(e, 'line', '?')}: expected a formula like (<= X_0 1)")
+    op, args = e.items[0].text, e.items[1:]
+    if op in ("<=", ">=", "<", ">"):
+        if len(args) != 2:
+            raise SpecError(f"{path}:{e.line}: {op} takes two arguments, got {len(args)}")
+        a, b = _term(args[0], path, declared), _term(args[1], path, declared)
+        expr = _add(a, _scale(b, -1.0)) if op in ("<=", "<") else _add(b, _scale(a, -1.0))
+        return [[expr]]
+    if op == "and":
+        parts = [_formula(a, path, declared) for a in args]
+        out = [sum(combo, []) for combo in product(*parts)]
+        if len(out) > 100000:
+            raise SpecError(f"{path}:{e.line}: formula too large in disjunctive normal form")
+        return out
+    if op == "or":
+        return [conj for a in args for conj in _formula(a, path, declared)]
+    raise SpecError(f"{path}:{e.line}: unknown connective {op!r} (expected and, or, <=, >=)")
+
+
+def parse_vnnlib(text: str, path: str = "<vnnlib>") -> VnnlibProperty:
+    declared: set = set()
+    xs, ys = set(), set()
+    conjuncts: list[Formula] = []
+    for s in _parse_sexprs(_tokenize(text, path), path):
+        head = s.items[0].text if s.items and isinstance(s.items[0], _Tok) else None
+        if head == "declare-const":
+            if len(s.items) != 3 or not isinstance(s.items[1], _Tok):
+                raise SpecError(f"{path}:{s.line}: expected (declare-const NAME Real)")
+            name = s.items[1].text
+            m = _VAR.match(name)
+            if not m:
+                raise SpecError(f"{path}:{s.line}: variable names must be X_i or Y_j, got {name!r}")
+            if not isinstance(s.items[2], _Tok) or s.items[2].text != "Real":
+                raise SpecError(f"{path}:{s.line}: only Real variables are supported")
+            declared.add(name)
+            (xs if m.group(1) == "X" else ys).add(int(m.group(2)))
+        elif head == "assert":
+            if len(s.items) != 2:
+                raise SpecError(f"{path}:{s.line}: assert takes one formula")
+            conjuncts.append(_formula(s.items[1], path, declared))
+        else:
+            raise SpecError(f"{path}:{s.line}: expected declare-const or assert, got {head!r}")
+    if not xs or not ys:
+        raise SpecError(f"{path}: no X_i or no Y_j declared")
+    n_in, n_out = max(xs) + 1, max(ys) + 1
+    if len(xs) != n_in or len(ys) != n_out:
+        raise SpecError(f"{path}: X_i / Y_j must be numbered 0..n-1 without gaps")
+    dnf: Formula = [[]]
+    for f in conjuncts:
+        dnf = [a + b for a in dnf for b in f]
+        if len(dnf) > 100000:
+            raise SpecError(f"{path}: property too large in disjunctive normal form")
+    return _compile(dnf, n_in, n_out, path)
+
+
+def _compile(dnf: Formula, n_in: int, n_out: int, path: str) -> VnnlibProperty:
+    by_box: dict = {}
+    for conj in dnf:
+        lo, hi = np.full(n_in, -np.inf), np.full(n_in, np.inf)
+        rows = []
+        for c in conj:
+            kinds = {k[0] for k in c if k != 1 and c[k] != 0}
+            if kinds == {"X"}:
+                var = [k for k in c if k != 1 and c[k] != 0]
+                if len(var) != 1:
+                    raise SpecError(f"{path}: input constraints must bound one X_i each (boxes only)")
+                (k,) = var
+                bound = -c.get(1, 0.0) / c[k]
+                if c[k] > 0:
+                    hi[k[1]] = min(hi[k[1]], bound)
+                else:
+                    lo[k[1]] = max(lo[k[1]], bound)
+            elif kinds == {"Y"}:
+                a = np.zeros(n_out)
+                for k, v in c.items():
+                    if k != 1:
+                        a[k[1]] += v
+                rows.append((a, -c.get(1, 0.0)))  # a.y <= b
+            elif kinds == set():
+                if c.get(1, 0.0) > 0:  # constant constraint 'k <= 0' that is false: disjunct is empty
+                    rows = None
+                    break
+            else:
+                raise SpecError(f"{path}: constraints mixing X and Y are not supported")
+        if rows is None:
+            continue
+        if not np.all(np.isfinite(lo)) or not np.all(np.isfinite(hi)):
+            missing = [i for i in range(n_in) if not (np.isfinite(lo[i]) and np.isfinite(hi[i]))]
+            raise SpecError(f"{path}: inputs without lower and upper bound: {', '.join(f'X_{i}' for i in missing[:10])}")
+        if np.any(lo > hi):
+            continue  # empty input region: nothing to check
+        if not rows:  # no output condition: every input of the box is unsafe
+            rows = [(np.zeros(n_out), 0.0)]
+        key = (lo.tobytes(), hi.tobytes())
+        by_box.setdefault(key, (lo, hi, []))[2].append(rows)
+    cases = []
+    for lo, hi, polytopes in by_box.values():
+        C, d, groups = [], [], []
+        for poly in polytopes:
+            groups.append(tuple(range(len(C), len(C) + len(poly))))
+            for a, b in poly:
+                C.append(a)
+                d.append(b)
+        spec = Spec(torch.tensor(np.array(C)), torch.tensor(np.array(d)), tuple(groups))
+        cases.append(VnnlibCase(lo, hi, spec))
+    return VnnlibProperty(cases, n_in, n_out, path)
+
+
+def load_vnnlib(path: Union[str, "os.PathLike"]) -> VnnlibProperty:
+    import os
+
+    if not os.path.exists(path):
+        raise SpecError(f"VNN-LIB file not found: {path}")
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file") from None
+    return parse_vnnlib(text, str(path))

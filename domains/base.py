@@ -1,0 +1,162 @@
+"""The abstract `Domain` interface and the domain registry.
+
+A domain turns an input box into sound bounds on the rows of a spec (C y - d), and leaves the
+bounds of every intermediate node it computed in a shared `BoundStore` for the next domain.
+
+Register an in-process domain with the `@register_domain` decorator; other packages ship
+domains through the `verikit.domains` entry-point group (the entry point names a Domain
+subclass). Both kinds are listed by `available_domains()` and by `verikit domains`.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from verikit.bounds import Box, BoundStore
+from verikit.errors import UnknownDomainError, VerikitError
+from verikit.ir import EvalContext, Graph
+from verikit.spec import Spec
+
+# verdicts a complete domain may return per sample
+VERIFIED, FALSIFIED, UNKNOWN = "verified", "falsified", "unknown"
+
+
+@dataclass
+class DomainResult:
+    """Bounds of the spec rows s = C y - d for each sample: lower/upper of shape (B, m).
+
+    Complete domains also fill `status` (per sample: verified / falsified / unknown) and, for
+    falsified samples, `counterexamples` (an input tensor of the sample's shape).
+    """
+
+    lower: Tensor
+    upper: Optional[Tensor]
+    store: BoundStore
+    status: Optional[list] = None
+    counterexamples: Optional[list] = None
+    info: dict = field(default_factory=dict)
+
+    def verified(self, spec: Optional[Spec]) -> Tensor:
+        """Per sample: is the property proven? (Uses `status` when the domain gave one.)"""
+        if self.status is not None:
+            return torch.tensor([s == VERIFIED for s in self.status], dtype=torch.bool)
+        if spec is None:
+            raise VerikitError("no spec given: bounds only, nothing to verify")
+        return spec.holds_given_lower(self.lower).cpu()
+
+
+class Domain(ABC):
+    """Base class of all bound domains.
+
+    Subclasses set the class attributes and implement `bound`. Options are passed as keyword
+    arguments to the constructor (e.g. `get_domain("crown", alpha_steps=20)`); accept the
+    ones you know, and let the base reject the rest so typos do not pass silently.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    complete: ClassVar[bool] = False  # can it decide every property (given time)?
+    differentiable: ClassVar[bool] = False  # are its bounds differentiable w.r.t. parameters?
+    options: ClassVar[dict] = {}  # option name -> default
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            known = ", ".join(sorted(self.options)) or "none"
+            raise VerikitError(f"domain {self.name!r} has no option(s) {', '.join(unknown)} (known: {known})")
+        self.config = {**self.options, **options}
+
+    @abstractmethod
+    def bound(self, graph: Graph, inputs: Box, spec: Optional[Spec] = None,
+              store: Optional[BoundStore] = None, ctx: Optional[EvalContext] = None) -> DomainResult:
+        """Sound bounds on the spec rows (or on the raw outputs when spec is None) for every
+        input in `inputs` (batched). Intermediate bounds already in `store` may be used and
+        must only be tightened."""
+
+    def __repr__(self) -> str:
+        return f"<domain {self.name}>"
+
+
+_REGISTRY: dict[str, type[Domain]] = {}
+_ENTRY_POINTS_LOADED = False
+_BUILTINS = ("box", "deeppoly", "crown", "milp")
+
+
+def register_domain(cls: type[Domain]) -> type[Domain]:
+    """Class decorator: make a Domain subclass available by its `name` to the API and CLI."""
+    if not (isinstance(cls, type) and issubclass(cls, Domain)):
+        raise TypeError("register_domain expects a Domain subclass")
+    if not cls.name or not cls.name.replace("-", "").replace("_", "").isalnum() or cls.name != cls.name.lower():
+        raise ValueError(f"domain name {cls.name!r} must be a non-empty lowercase word")
+    if not cls.description:
+        raise ValueError(f"domain {cls.name!r} needs a one-line description")
+    existing = _REGISTRY.get(cls.name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise ValueError(f"a domain named {cls.name!r} is already registered ({existing.__module__}.{existing.__qualname__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def unregister_domain(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def _load_builtins_and_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    import importlib
+
+    for mod in _BUILTINS:
+        try:
+            importlib.import_module(f"verikit.domains.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"verikit.domains.{mod}":
+                raise
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="verikit.domains"):
+        try:
+            cls = ep.load()
+        except Exception as e:  # a broken third-party package must not break verikit
+            import warnings
+
+            warnings.warn(f"could not load domain entry point {ep.name!r} ({ep.value}): {e}")
+            continue
+        if isinstance(cls, type) and issubclass(cls, Domain):
+            register_domain(cls)
+
+
+def available_domains() -> dict[str, type[Domain]]:
+    """All registered domains by name (built-in, decorated, and from entry points)."""
+    _load_builtins_and_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_domain_class(name: str) -> type[Domain]:
+    domains = available_domains()
+    if name not in domains:
+        raise UnknownDomainError(f"unknown domain {name!r}; available: {', '.join(domains)}")
+    return domains[name]
+
+
+def get_domain(name: str, **options) -> Domain:
+    """An instance of the domain called `name`, configured with `options`."""
+    return get_domain_class(name)(**options)
+
+
+def parse_domain_list(text: str) -> list[str]:
+    """'box,crown,milp' -> ['box', 'crown', 'milp'], checking every name (all unknown ones reported)."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UnknownDomainError(f"no domain given; available: {', '.join(available_domains())}")
+    domains = available_domains()
+    bad = [n for n in names if n not in domains]
+    if bad:
+        raise UnknownDomainError(f"unknown domain(s) {', '.join(bad)}; available: {', '.join(domains)}")
+    return names
