@@ -64,3 +64,23 @@ def compare_with_onnxruntime(model_path: str, graph: Graph, num_inputs: int = 4,
             worst[name] = max(worst.get(name, 0.0), err)
     per_node = [(n, graph.output if n == out_name else onnx_map[n], e) for n, e in worst.items()]
     return CheckReport(max((e for _, _, e in per_node), default=0.0), per_node, num_inputs)
+
+
+def evaluate_with_onnxruntime(model_path: str, x: torch.Tensor, graph: Graph | None = None) -> np.ndarray:
+    """Run the ONNX file on a batch of inputs x (B, *sample_shape), one sample at a time (VNN-COMP
+    models have a fixed batch of 1). Returns outputs flattened per sample: (B, num_outputs).
+    Used to re-check counterexamples independently of verikit's own evaluation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    inp = sess.get_inputs()[0]
+    batched = graph.meta.get("batched_input", True) if graph is not None else len(inp.shape) >= 2
+    outs = []
+    for xi in x.detach().cpu().double().numpy():
+        feed = xi[None] if batched else xi
+        feed = feed.reshape([d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]) \
+            if all(isinstance(d, int) for d in inp.shape) else feed
+        outs.append(np.asarray(sess.run(None, {inp.name: feed.astype(np.float32)})[0]).reshape(-1))
+    return np.stack(outs)
