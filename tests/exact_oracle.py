@@ -47,7 +47,11 @@ def affine_layers(graph: ir.Graph):
 
 def exact_min(graph: ir.Graph, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, max_unstable: int = 14) -> float:
     """min over x in [lo, hi] of c · f(x) (f flattened), exactly."""
-    graph = graph.to(dtype=torch.float64)
+    with torch.no_grad():
+        return _exact_min(graph.to(dtype=torch.float64), lo, hi, c, max_unstable)
+
+
+def _exact_min(graph, lo, hi, c, max_unstable):
     layers = affine_layers(graph)
     box = propagate_box(graph, Box(torch.tensor(lo[None], dtype=torch.float64).reshape((1,) + tuple(graph.input_shape)),
                                    torch.tensor(hi[None], dtype=torch.float64).reshape((1,) + tuple(graph.input_shape))))
