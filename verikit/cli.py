@@ -17,6 +17,7 @@ _LAZY_COMMANDS = {
     "certify": "verikit.certify.cli:certify",
     "vnncomp": "verikit.certify.cli:vnncomp",
     "train": "verikit.train.cli:train",
+    "models": "verikit.models.cli:models",
 }
 
 
