@@ -1,0 +1,226 @@
+"""`milp` domain: complete verification by an exact mixed-integer encoding of the network.
+
+Per sample and per spec group, the group's unsafe polytope {every row <= 0} is searched by
+minimising t subject to t >= row_i (or the row itself for one-row groups):
+- the solver's proven dual bound > 0 proves the group (we stop as soon as it is);
+- a solution with t <= 0 is a candidate counterexample, re-evaluated concretely (graph.forward
+  and onnxruntime for ONNX models) before "falsified" is reported; if the re-check fails the
+  sample is "unknown";
+- a time limit (per sample, over all its queries) gives "unknown", never "verified".
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from verikit.bounds import Box, BoundStore
+from verikit.errors import VerikitError
+from verikit.spec import Spec, fold_spec
+
+from .base import FALSIFIED, UNKNOWN, VERIFIED, Domain, DomainResult, register_domain
+from .box import propagate_box
+from .milp_encoding import Encoding, JacobianCache, MilpModel, check_supported, encode, pad
+from .milp_solvers import HighsBackend, Solver, SolverOptions
+
+PROOF_MARGIN = 1e-6  # a dual bound must exceed this (solver tolerances) to count as a proof
+
+
+@register_domain
+class MilpDomain(Domain):
+    name = "milp"
+    description = "exact MILP encoding solved with HiGHS or Gurobi: complete, slow"
+    complete = True
+    differentiable = False
+    options = {
+        "solver": "auto",  # auto | highs | gurobi
+        "time_limit": 60.0,  # seconds per sample (all its queries together)
+        "threads": 1,
+        "deterministic": False,
+        "tighten": "off",  # off | lp | milp: per-neuron bounds before the final queries
+        "tighten_time": 10.0,  # seconds per sample for tightening
+        "exact_bounds": False,  # minimise every row to optimality (exact `lower`), no early stop
+    }
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        cfg = self.config
+        if cfg["tighten"] in (None, False, "none"):
+            cfg["tighten"] = "off"
+        if cfg["tighten"] not in ("off", "lp", "milp"):
+            raise VerikitError(f"milp option tighten must be off, lp or milp, got {cfg['tighten']!r}")
+        for key in ("time_limit", "tighten_time"):
+            if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
+                raise VerikitError(f"milp option {key} must be a non-negative number of seconds, got {cfg[key]!r}")
+        if not isinstance(cfg["threads"], int) or cfg["threads"] < 0:
+            raise VerikitError(f"milp option threads must be a non-negative integer, got {cfg['threads']!r}")
+        self.solver = Solver(cfg["solver"], SolverOptions(float(cfg["time_limit"]), cfg["threads"], bool(cfg["deterministic"])))
+
+    def bound(self, graph, inputs: Box, spec: Optional[Spec] = None, store: Optional[BoundStore] = None,
+              ctx=None) -> DomainResult:
+        if spec is None:
+            raise VerikitError("the milp domain needs a spec (the property to decide)")
+        spec = spec.to(device="cpu", dtype=graph.dtype)
+        folded = fold_spec(graph, spec)
+        check_supported(folded)
+        store = propagate_box(folded, inputs, store, ctx)
+        out = store[folded.output]
+        B = inputs.lo.shape[0]
+        lower = out.lo.detach().reshape(B, -1).clone()
+        upper = out.hi.detach().reshape(B, -1).clone()
+        jac = JacobianCache(folded, ctx)
+        statuses, cexs, infos = [], [], []
+        for b in range(B):
+            st, cex, lo_b, info = self._sample(graph, folded, spec, store, b, jac, ctx)
+            lower[b] = torch.maximum(lower[b], torch.as_tensor(lo_b, dtype=lower.dtype))
+            statuses.append(st)
+            cexs.append(cex)
+            infos.append(info)
+        solvers = sorted({s for i in infos for s in i["solvers"]})
+        info = {"solver": ",".join(solvers) or "none", "samples": infos,
+                "time": sum(i["time"] for i in infos)}
+        return DomainResult(lower, upper, store, status=statuses, counterexamples=cexs, info=info)
+
+    # ------------------------------------------------------------ one sample
+    def _sample(self, graph, folded, spec, store, b, jac, ctx):
+        t0 = time.perf_counter()
+        deadline = t0 + float(self.config["time_limit"])
+        tightener = self._tightener(min(deadline, t0 + float(self.config["tighten_time"])))
+        enc = encode(folded, store, b, jac, tightener, ctx)
+        _write_back(store, enc, b)
+        out_lo, out_hi = enc.output.interval(enc.model)
+        box_out = store[folded.output]
+        out_lo = np.maximum(out_lo, box_out.lo[b].detach().double().cpu().numpy().reshape(-1))
+        out_hi = np.minimum(out_hi, box_out.hi[b].detach().double().cpu().numpy().reshape(-1))
+        lower = out_lo.copy()
+        info = {"solvers": set(), "queries": 0, "binaries": enc.num_binaries,
+                "variables": enc.model.num_vars(), "constraints": enc.model.num_rows()}
+        spec_b = spec.select([b])
+        results = {}
+        if self.config["exact_bounds"]:
+            for r in range(out_lo.size):
+                res = self._query(enc, (r,), out_lo, out_hi, deadline, early=False)
+                info["solvers"].add(res.solver)
+                info["queries"] += 1
+                results[(r,)] = res
+                if res.status == "optimal" or res.bound > -math.inf:
+                    lower[r] = max(lower[r], res.bound)
+        status, cex = VERIFIED, None
+        # the groups most likely violated first: a counterexample ends the sample early
+        groups = sorted(spec.group_list, key=lambda g: out_lo[list(g)].max())
+        for g in groups:
+            if out_lo[list(g)].max() > 0:
+                continue  # proven by the bounds already
+            if time.perf_counter() >= deadline:
+                status = UNKNOWN
+                break
+            res = results.get(tuple(g)) or self._query(enc, tuple(g), out_lo, out_hi, deadline, early=True)
+            if tuple(g) not in results:
+                info["solvers"].add(res.solver)
+                info["queries"] += 1
+            if len(g) == 1:
+                lower[g[0]] = max(lower[g[0]], res.bound)
+            if res.bound > PROOF_MARGIN:
+                continue
+            if res.x is not None and res.objective <= 0:
+                x = self._confirm(graph, spec_b, enc, res.x, store, b)
+                if x is not None:
+                    status, cex = FALSIFIED, x
+                    break
+            status = UNKNOWN  # timed out, or a candidate that did not survive the re-check
+            if res.status not in ("optimal", "stopped", "infeasible"):
+                break  # out of time: the remaining groups cannot be decided either
+        info["time"] = time.perf_counter() - t0
+        info["status"] = status
+        return status, cex, lower, info
+
+    def _query(self, enc: Encoding, rows: tuple, out_lo, out_hi, deadline, early: bool):
+        model, expr = enc.model, enc.output
+        remaining = max(deadline - time.perf_counter(), 1e-3)
+        stops = dict(stop_above=PROOF_MARGIN, stop_below=-PROOF_MARGIN) if early else {}
+        if len(rows) == 1:
+            (r,) = rows
+            c = np.asarray(pad(expr.A[r], model.num_vars()).todense()).reshape(-1)
+            return self.solver.solve(model, c, float(expr.c[r]), time_limit=remaining, **stops)
+        m = model.copy()
+        idx = list(rows)
+        (t,) = m.add_vars([out_lo[idx].max()], [out_hi[idx].max()])
+        nv = m.num_vars()
+        T = sp.csr_matrix((np.ones(len(idx)), (np.arange(len(idx)), np.full(len(idx), t))), shape=(len(idx), nv))
+        m.add_rows(T - pad(expr.A[idx], nv), expr.c[idx], np.inf)  # t >= row_i
+        c = np.zeros(nv)
+        c[t] = 1.0
+        return self.solver.solve(m, c, 0.0, time_limit=remaining, **stops)
+
+    def _confirm(self, graph, spec_b: Spec, enc: Encoding, sol, store, b):
+        """The solver's input, clipped into the box, if it really violates the spec; else None."""
+        box = store[graph.input_name]
+        lo = box.lo[b].detach().double().cpu().numpy().reshape(-1)
+        hi = box.hi[b].detach().double().cpu().numpy().reshape(-1)
+        x = np.clip(sol[enc.input_vars], lo, hi)
+        xt = torch.tensor(x, dtype=graph.dtype).reshape((1,) + tuple(graph.input_shape)).to(box.lo.device)
+        return xt[0] if confirm_counterexample(graph, spec_b, xt) else None
+
+    def _tightener(self, deadline: float):
+        mode = self.config["tighten"]
+        if mode == "off":
+            return None
+        backend = HighsBackend()
+        opts = SolverOptions(float(self.config["tighten_time"]), self.config["threads"], bool(self.config["deterministic"]))
+
+        def tighten(model: MilpModel, z, lo, hi, name):
+            unstable = np.flatnonzero((lo < 0) & (hi > 0))
+            if unstable.size == 0 or time.perf_counter() >= deadline:
+                return lo, hi
+            lo, hi = lo.copy(), hi.copy()
+            objs = []
+            for j in unstable:
+                row = np.asarray(pad(z.A[j], model.num_vars()).todense()).reshape(-1)
+                objs += [(j, 1.0, row), (j, -1.0, -row)]
+            bounds = backend.minimize_many(model, [o[2] for o in objs], relax=(mode == "lp"), opts=opts,
+                                           deadline=deadline)
+            for (j, sign, _), bd in zip(objs, bounds):
+                if not np.isfinite(bd):
+                    continue
+                if sign > 0:
+                    lo[j] = max(lo[j], bd + z.c[j])
+                else:
+                    hi[j] = min(hi[j], -bd + z.c[j])
+            return lo, np.maximum(hi, lo)
+
+        return tighten
+
+
+def confirm_counterexample(graph, spec_b: Spec, x: torch.Tensor) -> bool:
+    """Does input x (1, *input_shape) violate spec_b, by graph.forward and (for an ONNX model)
+    by onnxruntime too?"""
+    with torch.no_grad():
+        y = graph.forward(x).reshape(1, -1).double()
+    s64 = spec_b.to(dtype=torch.float64)
+    if not bool(s64.violated_by(y)[0]):
+        return False
+    src = str(getattr(graph, "source", "") or "")
+    if src.endswith(".onnx") and os.path.exists(src):
+        from verikit.onnx_check import evaluate_with_onnxruntime
+
+        y_ort = torch.from_numpy(evaluate_with_onnxruntime(src, x, graph)).double()
+        if not bool(s64.to(device="cpu").violated_by(y_ort)[0]):
+            return False
+    return True
+
+
+def _write_back(store: BoundStore, enc: Encoding, b: int) -> None:
+    """Hand the (possibly tightened) pre-activation bounds of sample b to the bound store."""
+    for name, (lo, hi) in enc.pre_bounds.items():
+        old = store[name]
+        new_lo, new_hi = old.lo.detach().clone(), old.hi.detach().clone()
+        # widen by a hair so that rounding to the store's dtype cannot cut off reachable values
+        slack = 1e-6 * (1.0 + np.abs(lo)), 1e-6 * (1.0 + np.abs(hi))
+        new_lo[b] = torch.as_tensor(lo - slack[0], dtype=new_lo.dtype).reshape(new_lo.shape[1:])
+        new_hi[b] = torch.as_tensor(hi + slack[1], dtype=new_hi.dtype).reshape(new_hi.shape[1:])
+        store.update(name, Box(new_lo, new_hi))
