@@ -1,0 +1,50 @@
+"""Parse the `--eps` flag: `0.1`, `8/255`, or a comma list (`1/255,2/255,8/255`) for a sweep."""
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+from verikit.errors import VerikitError
+
+
+def parse_eps_value(text: str) -> float:
+    """One radius: a decimal (`0.1`, `1e-2`) or a fraction (`8/255`). Must be finite and >= 0."""
+    t = text.strip()
+    if not t:
+        raise VerikitError("empty eps value (use e.g. 0.1 or 8/255)")
+    try:
+        if "/" in t:
+            num, den = t.split("/", 1)
+            den_v = float(Fraction(den.strip()))
+            if den_v == 0:
+                raise VerikitError(f"bad eps {text!r}: division by zero")
+            value = float(Fraction(num.strip())) / den_v
+        else:
+            value = float(t)
+    except (ValueError, ZeroDivisionError):
+        raise VerikitError(f"bad eps {text!r}: expected a number like 0.1 or a fraction like 8/255") from None
+    if not math.isfinite(value):
+        raise VerikitError(f"bad eps {text!r}: must be finite")
+    if value < 0:
+        raise VerikitError(f"bad eps {text!r}: must be >= 0")
+    return value
+
+
+def parse_eps_list(text: str) -> list[float]:
+    """`1/255,2/255` -> [0.00392..., 0.00784...]; duplicates removed, order kept."""
+    if text is None or not str(text).strip():
+        raise VerikitError("empty --eps (use e.g. 0.1, 8/255 or 1/255,2/255)")
+    out: list[float] = []
+    for part in str(text).split(","):
+        v = parse_eps_value(part)
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def format_eps(eps: float) -> str:
+    """A short label: multiples of 1/255 print as `8/255`, everything else as a decimal."""
+    num = eps * 255
+    if eps > 0 and abs(num - round(num)) < 1e-9:
+        return f"{int(round(num))}/255"
+    return f"{eps:g}"

@@ -1,0 +1,34 @@
+"""A tiny MNIST MLP trained in a few seconds and exported to ONNX, for certifier tests and
+benchmarks (no pre-trained file needed)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def train_tiny_mnist(path: str, hidden: int = 32, n_train: int = 2000, epochs: int = 8, seed: int = 0,
+                     flat_input: bool = False) -> str:
+    """Train Flatten-Linear-ReLU-Linear-ReLU-Linear on MNIST's first `n_train` training images
+    (about 90% test accuracy) and export it with torch.onnx (dynamo=False)."""
+    from verikit.datasets import load_mnist
+
+    torch.manual_seed(seed)
+    x, y = load_mnist("train")
+    x, y = x[:n_train], y[:n_train]
+    net = nn.Sequential(nn.Flatten(), nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                        nn.Linear(hidden, 10))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(n_train)
+        for s in range(0, n_train, 100):
+            idx = perm[s:s + 100]
+            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.eval()
+    example = torch.zeros(1, 784) if flat_input else torch.zeros(1, 1, 28, 28)
+    model = net[1:] if flat_input else net
+    torch.onnx.export(model, example, path, input_names=["input"], output_names=["logits"],
+                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    return path
