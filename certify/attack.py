@@ -9,6 +9,7 @@ moving.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -47,7 +48,6 @@ def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: in
     """
     lo, hi = box.lo.detach(), box.hi.detach()
     spec = spec.to(device=lo.device, dtype=lo.dtype)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     step = step_scale * (hi - lo) / 2 / max(steps, 1)
     with torch.no_grad():
         best_x = ((lo + hi) / 2).clone()
@@ -56,8 +56,7 @@ def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: in
         if r == 0:
             x = (lo + hi) / 2
         else:
-            u = torch.rand(lo.shape, generator=gen, dtype=lo.dtype).to(lo.device)
-            x = lo + u * (hi - lo)
+            x = lo + _uniform_per_sample(lo, hi, seed + r) * (hi - lo)
         for _ in range(steps):
             active = best_m > 0
             if not bool(active.any()):
@@ -72,6 +71,18 @@ def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: in
         with torch.no_grad():
             _keep_best(best_x, best_m, x, spec_margin(graph, x, spec))
     return AttackResult(best_x, best_m)
+
+
+def _uniform_per_sample(lo: Tensor, hi: Tensor, seed: int) -> Tensor:
+    """Uniform [0, 1) noise seeded by each sample's own box, so a sample gets the same random
+    starts whatever batch it lands in (a resumed run reproduces an uninterrupted one)."""
+    out = torch.empty(lo.shape, dtype=lo.dtype)
+    for b in range(lo.shape[0]):
+        key = (lo[b] + hi[b]).detach().double().cpu().numpy().tobytes()
+        h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") ^ seed
+        g = torch.Generator(device="cpu").manual_seed(h & ((1 << 63) - 1))
+        out[b] = torch.rand(lo.shape[1:], generator=g, dtype=lo.dtype)
+    return out.to(lo.device)
 
 
 def _keep_best(best_x: Tensor, best_m: Tensor, x: Tensor, m: Tensor) -> None:

@@ -14,11 +14,13 @@ def parse_eps_value(text: str) -> float:
         raise VerikitError("empty eps value (use e.g. 0.1 or 8/255)")
     try:
         if "/" in t:
-            num, den = t.split("/", 1)
-            den_v = float(Fraction(den.strip()))
-            if den_v == 0:
+            parts = t.split("/")
+            if len(parts) != 2:
+                raise ValueError(t)
+            num, den = Fraction(parts[0].strip()), Fraction(parts[1].strip())
+            if den == 0:
                 raise VerikitError(f"bad eps {text!r}: division by zero")
-            value = float(Fraction(num.strip())) / den_v
+            value = float(num / den)
         else:
             value = float(t)
     except (ValueError, ZeroDivisionError):
