@@ -98,7 +98,8 @@ class _ArrayUnpickler(pickle.Unpickler):
     """Accepts only what CIFAR-10 batches contain (numpy arrays); anything else is refused."""
 
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how protocol-2 pickles written by Python 3 store bytes
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
