@@ -45,7 +45,7 @@ def affine_layers(graph: ir.Graph):
     return layers
 
 
-def exact_min(graph: ir.Graph, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, max_unstable: int = 14) -> float:
+def exact_min(graph: ir.Graph, lo: np.ndarray, hi: np.ndarray, c: np.ndarray, max_unstable: int = 24) -> float:
     """min over x in [lo, hi] of c · f(x) (f flattened), exactly."""
     with torch.no_grad():
         return _exact_min(graph.to(dtype=torch.float64), lo, hi, c, max_unstable)
@@ -63,28 +63,44 @@ def _exact_min(graph, lo, hi, c, max_unstable):
         phases.append([(1,) if li >= 0 else (0,) if ui <= 0 else (0, 1) for li, ui in zip(l, u)])
     unstable = sum(len(ph) == 2 for layer in phases for ph in layer)
     assert unstable <= max_unstable, f"{unstable} unstable ReLUs: too many to enumerate"
-    best = np.inf
     bounds = list(zip(lo, hi))
-    for pattern in itertools.product(*[ph for layer in phases for ph in layer]):
-        A_ub, b_ub = [], []
-        W, b = np.eye(len(lo)), np.zeros(len(lo))  # current affine map x -> value
-        k, li = 0, 0
-        for layer in layers:
-            if layer == "relu":
-                n = W.shape[0]
-                act = np.array(pattern[k:k + n], dtype=float)
-                k += n
-                for j in range(n):  # phase constraint on the pre-activation
-                    sign = 1.0 if act[j] else -1.0  # active: z >= 0 -> -z <= 0
-                    A_ub.append(-sign * W[j])
-                    b_ub.append(sign * b[j])
-                W, b = W * act[:, None], b * act
-            else:
-                Wl, bl = layer
-                W, b = Wl @ W, Wl @ b + bl
-        obj = c @ W
-        res = linprog(obj, A_ub=np.array(A_ub) if A_ub else None, b_ub=np.array(b_ub) if b_ub else None,
-                      bounds=bounds, method="highs")
-        if res.status == 0:
-            best = min(best, res.fun + c @ b)
-    return float(best)
+    relu_layers = [k for k, layer in enumerate(layers) if layer == "relu"]
+
+    def feasible(A_ub, b_ub):
+        if not A_ub:
+            return True
+        res = linprog(np.zeros(len(lo)), A_ub=np.array(A_ub), b_ub=np.array(b_ub), bounds=bounds, method="highs")
+        return res.status == 0
+
+    best = [np.inf]
+
+    def descend(li, W, b, A_ub, b_ub, relu_idx):
+        """Apply layers from index li on; W, b map the input to the current value."""
+        while li < len(layers) and layers[li] != "relu":
+            Wl, bl = layers[li]
+            W, b = Wl @ W, Wl @ b + bl
+            li += 1
+        if li == len(layers):
+            res = linprog(c @ W, A_ub=np.array(A_ub) if A_ub else None, b_ub=np.array(b_ub) if b_ub else None,
+                          bounds=bounds, method="highs")
+            if res.status == 0:
+                best[0] = min(best[0], res.fun + c @ b)
+            return
+        choose(li, W, b, A_ub, b_ub, relu_idx, 0, np.zeros(W.shape[0]))
+
+    def choose(li, W, b, A_ub, b_ub, relu_idx, j, act):
+        """Fix the phase of neuron j of this ReLU layer (branching on unstable ones, pruning infeasible)."""
+        if j == W.shape[0]:
+            descend(li + 1, W * act[:, None], b * act, A_ub, b_ub, relu_idx + 1)
+            return
+        for phase in phases[relu_idx][j]:
+            sign = 1.0 if phase else -1.0  # active: z >= 0  <=>  -z <= 0
+            A2, b2 = A_ub + [-sign * W[j]], b_ub + [sign * b[j]]
+            if len(phases[relu_idx][j]) == 2 and not feasible(A2, b2):
+                continue
+            act2 = act.copy()
+            act2[j] = phase
+            choose(li, W, b, A2, b2, relu_idx, j + 1, act2)
+
+    descend(0, np.eye(len(lo)), np.zeros(len(lo)), [], [], 0)
+    return float(best[0])
