@@ -199,7 +199,7 @@ class _Importer:
             if node.input[2] not in self.consts:
                 raise _Unsupported("Gemm bias must be constant")
             c = np.asarray(self.consts[node.input[2]], dtype=np.float64) * beta
-            bias = np.broadcast_to(c, (W.shape[0],)) if c.size in (1, W.shape[0]) else None
+            bias = np.broadcast_to(c.reshape(-1), (W.shape[0],)) if c.size in (1, W.shape[0]) else None
             if bias is None:
                 raise _Unsupported(f"Gemm bias of shape {c.shape}")
         op = ir.Linear(self.t(W * alpha), None if bias is None else self.t(np.array(bias)))
