@@ -62,7 +62,8 @@ class Chain:
     def __init__(self, graph: Graph, config: ChainConfig):
         from verikit.domains import get_domain_class, parse_domain_list
 
-        parse_domain_list(",".join(config.domains))  # unknown names: one error listing the available ones
+        if config.domains:  # unknown names: one error listing the available ones
+            parse_domain_list(",".join(config.domains))
         self.graph = graph
         self.config = config
         self.stages = []  # (name, class, options)
@@ -98,6 +99,7 @@ class Chain:
                 if new_store is not None:
                     store, store_idx = new_store, list(active)
             active = [i for i in active if out[i].status == UNKNOWN]
+        self._drop_timed_out(out, active)  # over budget after the last stage: say so
         return out
 
     # ------------------------------------------------------------------ stages

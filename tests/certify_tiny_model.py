@@ -32,3 +32,21 @@ def train_tiny_mnist(path: str, hidden: int = 32, n_train: int = 2000, epochs: i
     torch.onnx.export(model, example, path, input_names=["input"], output_names=["logits"],
                       dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
     return path
+
+
+_CACHE: dict = {}
+
+
+def tiny_mnist_model(flat_input: bool = False) -> str:
+    """The tiny model: the committed tests/data/tiny_mnist_mlp.onnx (made by
+    `train_tiny_mnist(path)`), else trained once per test process into a temporary directory."""
+    import os
+    import tempfile
+
+    shipped = os.path.join(os.path.dirname(__file__), "data", "tiny_mnist_mlp.onnx")
+    if not flat_input and os.path.exists(shipped):
+        return shipped
+    if flat_input not in _CACHE:
+        d = tempfile.mkdtemp(prefix="verikit-tiny-")
+        _CACHE[flat_input] = train_tiny_mnist(os.path.join(d, "tiny_mnist.onnx"), flat_input=flat_input)
+    return _CACHE[flat_input]
