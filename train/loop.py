@@ -1,0 +1,234 @@
+"""The training loop: epochs of (standard | PGD | IBP | SABR) steps, per-epoch evaluation,
+metrics CSV, a checkpoint every epoch (model, optimizer, RNG), exact resume, plot, ONNX export.
+
+Determinism: the batch order and the attack's random starts of epoch e come from generators
+seeded with (seed, e), so a run resumed from the checkpoint of epoch e repeats exactly what an
+uninterrupted run does from there.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from verikit import ir
+from verikit.errors import VerikitError
+
+from .config import TrainConfig
+from .losses import certified_loss, get_training_domain, l1_penalty, warmup_regularizer
+from .sabr import select_region
+from .schedule import EpsSchedule, lr_at
+
+METRIC_FIELDS = ["epoch", "method", "eps", "lambda", "lr", "loss", "train_cert_acc", "test_acc", "pgd_acc",
+                 "box_cert_acc", "time_s"]
+CHECKPOINT = "checkpoint.pt"
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise VerikitError("--device cuda: no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+class Trainer:
+    """Holds the model, its live IR graph, the optimizer and the data of one run."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: str, data=None, log: Callable[[str], None] = print):
+        from verikit import from_torch
+        from verikit.models.architectures import DATASET_SHAPES, build_model
+
+        from .data import load_dataset
+        from .init import ibp_init
+
+        self.cfg = cfg.resolved()
+        self.out_dir = out_dir
+        self.log = log
+        self.device = pick_device(self.cfg.device)
+        torch.manual_seed(self.cfg.seed)
+        shape, _, _, self.num_classes = DATASET_SHAPES[self.cfg.dataset]
+        self.model = build_model(self.cfg.model, self.cfg.dataset)
+        if self.cfg.init == "ibp":
+            ibp_init(self.model, torch.Generator().manual_seed(self.cfg.seed))
+        self.model.to(self.device)
+        self.graph = from_torch(self.model, shape)  # live parameters: bounds are differentiable
+        self.train_graph = self.graph
+        if self.cfg.relu_shrink < 1:
+            from .shrink import with_relu_shrinking
+
+            self.train_graph = with_relu_shrinking(self.graph, self.cfg.relu_shrink)
+        self.domain = get_training_domain(self.cfg.domain) if self.cfg.method != "standard" else None
+        self.has_bn = _has_batchnorm(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
+        if data is None:
+            xtr, ytr = load_dataset(self.cfg.dataset, "train")
+            xte, yte = load_dataset(self.cfg.dataset, "test")
+            data = (xtr, ytr, xte, yte)
+        xtr, ytr, xte, yte = data
+        if self.cfg.train_samples:
+            xtr, ytr = xtr[: self.cfg.train_samples], ytr[: self.cfg.train_samples]
+        self.xtr, self.ytr = xtr, ytr
+        self.xte, self.yte = xte[: self.cfg.eval_samples], yte[: self.cfg.eval_samples]
+        self.steps_per_epoch = (xtr.shape[0] + self.cfg.batch_size - 1) // self.cfg.batch_size
+        self.eps_at = EpsSchedule(self.cfg.eps, self.cfg.warmup_epochs, self.cfg.ramp_epochs, self.steps_per_epoch)
+        self.epoch = 0  # epochs completed
+        self.metrics: list[dict] = []
+
+    # ---- one step -------------------------------------------------------------------------
+    def loss_on_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float, epoch: int,
+                      gen: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
+        """The training loss of one batch and the fraction of it certified on the trained region."""
+        cfg = self.cfg
+        self.model.train()
+        if cfg.method == "standard" or eps == 0:
+            loss = F.cross_entropy(self.model(x), y)
+            cert = float("nan")
+        else:
+            region = select_region(self.model, x, y, eps, cfg.sabr_lambda, cfg.data_range, gen)
+            ctx = None
+            if self.has_bn:
+                with torch.no_grad():
+                    self.model(x)  # train-mode forward: updates the running statistics
+                ctx = ir.EvalContext(bn_mode="batch")
+                self.train_graph.forward(x, ctx=ctx)  # records the clean batch's statistics
+            cl = certified_loss(self.train_graph, self.domain, region, y, self.num_classes, ctx)
+            loss = cl.loss
+            if self.eps_at.in_ramp(epoch) and cfg.reg_weight > 0 and eps < cfg.eps:
+                reg = warmup_regularizer(self.train_graph, cl.store, region)
+                loss = loss + cfg.reg_weight * (1 - eps / cfg.eps) * reg
+            others = torch.ones_like(cl.lower, dtype=torch.bool).scatter_(1, y[:, None], False)
+            cert = float(((cl.lower > 0) | ~others).all(1).float().mean())
+        if cfg.l1 > 0:
+            loss = loss + cfg.l1 * l1_penalty(self.model)
+        return loss, cert
+
+    def step(self, x, y, eps, epoch, gen=None) -> tuple[float, float]:
+        loss, cert = self.loss_on_batch(x, y, eps, epoch, gen)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.opt.step()
+        return float(loss.detach()), cert
+
+    # ---- epochs ---------------------------------------------------------------------------
+    def _generators(self, epoch: int):
+        base = (self.cfg.seed + 1) * 100_003 + epoch
+        return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 50_000_017)
+
+    def run_epoch(self, progress: bool = True) -> dict:
+        from .evaluate import evaluate
+
+        cfg, e = self.cfg, self.epoch
+        lr = lr_at(e, cfg.lr, cfg.lr_milestones, cfg.lr_decay)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        shuffle_gen, attack_gen = self._generators(e)
+        order = torch.randperm(self.xtr.shape[0], generator=shuffle_gen)
+        t0 = time.perf_counter()
+        tot_loss = tot_cert = 0.0
+        n_cert = 0
+        bar = _progress(self.steps_per_epoch, f"epoch {e + 1}/{cfg.epochs}", progress)
+        for s in range(self.steps_per_epoch):
+            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+            x, y = self.xtr[idx].to(self.device), self.ytr[idx].to(self.device)
+            eps = self.eps_at(e, s)
+            loss, cert = self.step(x, y, eps, e, attack_gen)
+            tot_loss += loss
+            if cert == cert:
+                tot_cert += cert
+                n_cert += 1
+            bar.update(1, f"loss {tot_loss / (s + 1):.4f} eps {eps:.4f}")
+        bar.close()
+        train_time = time.perf_counter() - t0
+        ev = evaluate(self.model, self.graph, self.xte, self.yte, cfg.eps, self.num_classes,
+                      seed=cfg.seed, data_range=cfg.data_range)
+        row = {"epoch": e + 1, "method": cfg.kind, "eps": self.eps_at(e, self.steps_per_epoch - 1),
+               "lambda": cfg.sabr_lambda, "lr": lr, "loss": tot_loss / self.steps_per_epoch,
+               "train_cert_acc": tot_cert / n_cert if n_cert else float("nan"), **ev, "time_s": train_time}
+        self.metrics.append(row)
+        self.epoch += 1
+        return row
+
+    def fit(self, progress: bool = True) -> list[dict]:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+            json.dump(self.cfg.to_dict(), f, indent=2)
+        while self.epoch < self.cfg.epochs:
+            row = self.run_epoch(progress)
+            self.log(f"epoch {row['epoch']}: loss {row['loss']:.4f}  eps {row['eps']:.4f}  clean {row['test_acc']:.3f}  "
+                     f"pgd {row['pgd_acc']:.3f}  box-cert {row['box_cert_acc']:.3f}  ({row['time_s']:.0f} s)")
+            self.write_metrics()
+            self.save_checkpoint()
+        return self.metrics
+
+    # ---- persistence ----------------------------------------------------------------------
+    def write_metrics(self) -> None:
+        with open(os.path.join(self.out_dir, "metrics.csv"), "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+            w.writeheader()
+            for r in self.metrics:
+                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+    def save_checkpoint(self) -> None:
+        state = {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                 "config": self.cfg.to_dict(), "metrics": self.metrics, "torch_rng": torch.get_rng_state()}
+        tmp = os.path.join(self.out_dir, CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, os.path.join(self.out_dir, CHECKPOINT))  # never a half-written checkpoint
+
+    def load_checkpoint(self, path: str) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])  # in place: the IR graph keeps its references
+        self.opt.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.metrics = list(state["metrics"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def resume_config(run_dir: str) -> TrainConfig:
+    path = os.path.join(run_dir, CHECKPOINT)
+    if not os.path.exists(path):
+        raise VerikitError(f"--resume {run_dir}: no {CHECKPOINT} there")
+    with open(os.path.join(run_dir, "config.json")) as f:
+        return TrainConfig.from_dict(json.load(f))
+
+
+class _progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.n, self.enabled = total, label, 0, enabled
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.every = max(1, total // 10)
+
+    def update(self, k: int, info: str = "") -> None:
+        self.n += k
+        if not self.enabled:
+            return
+        if self.tty or self.n % self.every == 0 or self.n == self.total:
+            frac = self.n / self.total
+            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
+            el = time.perf_counter() - self.t0
+            eta = el / self.n * (self.total - self.n)
+            line = f"{self.label} [{bar}] {self.n}/{self.total} {info} {el:.0f}s<{eta:.0f}s"
+            sys.stderr.write(("\r" + line) if self.tty else line + "\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")

@@ -1,0 +1,31 @@
+"""Training curves (loss, accuracies, ε) from the metrics rows, saved as a PNG."""
+from __future__ import annotations
+
+
+def plot_metrics(rows: list[dict], path: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    ax1.plot(ep, [r["loss"] for r in rows], "k-o", label="training loss")
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("loss")
+    ax1b = ax1.twinx()
+    ax1b.plot(ep, [r["eps"] for r in rows], "c--", label="ε (end of epoch)")
+    ax1b.set_ylabel("ε")
+    ax1.legend(loc="upper left")
+    ax1b.legend(loc="upper right")
+    for key, style in (("test_acc", "b-o"), ("pgd_acc", "r-s"), ("box_cert_acc", "g-^")):
+        ax2.plot(ep, [r[key] for r in rows], style, label=key.replace("_", " "))
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("accuracy (test subset)")
+    ax2.set_ylim(0, 1)
+    ax2.legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
