@@ -118,7 +118,16 @@ def _load_builtins_and_entry_points() -> None:
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
+    import os
     from importlib.metadata import entry_points
+
+    # VERIKIT_PLUGINS=mod1,mod2: modules imported for their @register_domain side effect, so a
+    # domain defined in a plain script/module is usable from the CLI without packaging it
+    for mod in filter(None, (m.strip() for m in os.environ.get("VERIKIT_PLUGINS", "").split(","))):
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            raise VerikitError(f"cannot import plug-in module {mod!r} from VERIKIT_PLUGINS: {e}") from None
 
     for ep in entry_points(group="verikit.domains"):
         try:

@@ -78,9 +78,13 @@ def from_torch(module: nn.Module, input_shape: Sequence[int]) -> ir.Graph:
     builder = ir.GraphBuilder("input", tuple(input_shape), dtype, type(module).__name__)
     env: dict[str, object] = {}  # fx node name -> IR node name, or a python constant
     problems = []
+    poisoned: set[str] = set()  # nodes downstream of an unsupported one: not reported twice
     output = None
     modules = dict(traced.named_modules())
     for node in traced.graph.nodes:
+        if any(a.name in poisoned for a in node.all_input_nodes):
+            poisoned.add(node.name)
+            continue
         try:
             if node.op == "placeholder":
                 if env:
@@ -96,6 +100,7 @@ def from_torch(module: nn.Module, input_shape: Sequence[int]) -> ir.Graph:
             target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
             kind = type(modules[node.target]).__name__ if node.op == "call_module" else target
             problems.append((node.name, kind, str(e)))
+            poisoned.add(node.name)
     if problems:
         raise UnsupportedOpsError(problems)
     return builder.build(output)
