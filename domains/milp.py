@@ -28,7 +28,8 @@ from .box import propagate_box
 from .milp_encoding import Encoding, JacobianCache, MilpModel, check_supported, encode, pad
 from .milp_solvers import HighsBackend, Solver, SolverOptions
 
-PROOF_MARGIN = 1e-6  # a dual bound must exceed this (solver tolerances) to count as a proof
+PROOF_MARGIN = 1e-6
+SPLIT_AUTO_MAX_INPUTS = 16  # a dual bound must exceed this (solver tolerances) to count as a proof
 
 
 @register_domain
@@ -45,6 +46,8 @@ class MilpDomain(Domain):
         "tighten": "off",  # off | lp | milp: per-neuron bounds before the final queries
         "tighten_time": 10.0,  # seconds per sample for tightening
         "exact_bounds": False,  # minimise every row to optimality (exact `lower`), no early stop
+        "input_split": "auto",  # split the input box (branch and bound) when MILPs time out;
+                                # auto: for inputs of at most SPLIT_AUTO_MAX_INPUTS elements
     }
 
     def __init__(self, **options):
@@ -57,6 +60,8 @@ class MilpDomain(Domain):
         for key in ("time_limit", "tighten_time"):
             if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
                 raise VerikitError(f"milp option {key} must be a non-negative number of seconds, got {cfg[key]!r}")
+        if cfg["input_split"] not in ("auto", True, False):
+            raise VerikitError(f"milp option input_split must be auto, true or false, got {cfg['input_split']!r}")
         if not isinstance(cfg["threads"], int) or cfg["threads"] < 0:
             raise VerikitError(f"milp option threads must be a non-negative integer, got {cfg['threads']!r}")
         self.solver = Solver(cfg["solver"], SolverOptions(float(cfg["time_limit"]), cfg["threads"], bool(cfg["deterministic"])))
@@ -75,8 +80,17 @@ class MilpDomain(Domain):
         upper = out.hi.detach().reshape(B, -1).clone()
         jac = JacobianCache(folded, ctx)
         statuses, cexs, infos = [], [], []
+        split = self.config["input_split"]
+        n_in = int(np.prod(graph.input_shape))
+        use_split = split is True or (split == "auto" and n_in <= SPLIT_AUTO_MAX_INPUTS)
         for b in range(B):
-            st, cex, lo_b, info = self._sample(graph, folded, spec, store, b, jac, ctx)
+            deadline = time.perf_counter() + float(self.config["time_limit"])
+            if use_split and not self.config["exact_bounds"]:
+                from .milp_split import split_sample
+
+                st, cex, lo_b, info = split_sample(self, graph, folded, spec, store, b, jac, ctx, deadline)
+            else:
+                st, cex, lo_b, info = self._sample(graph, folded, spec, store, b, jac, ctx, deadline)
             lower[b] = torch.maximum(lower[b], torch.as_tensor(lo_b, dtype=lower.dtype))
             statuses.append(st)
             cexs.append(cex)
@@ -87,9 +101,8 @@ class MilpDomain(Domain):
         return DomainResult(lower, upper, store, status=statuses, counterexamples=cexs, info=info)
 
     # ------------------------------------------------------------ one sample
-    def _sample(self, graph, folded, spec, store, b, jac, ctx):
+    def _sample(self, graph, folded, spec, store, b, jac, ctx, deadline):
         t0 = time.perf_counter()
-        deadline = t0 + float(self.config["time_limit"])
         tightener = self._tightener(min(deadline, t0 + float(self.config["tighten_time"])))
         enc = encode(folded, store, b, jac, tightener, ctx)
         _write_back(store, enc, b)
