@@ -31,6 +31,13 @@ def _floats(text, what):
     return vals
 
 
+def _set_threads(n):
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def _domain_names(text):
     from verikit.domains import available_domains, parse_domain_list
 
@@ -66,6 +73,8 @@ def _chain_options(f):
                      help="MILP back-end (milp)"),
         click.option("--milp-threads", type=click.IntRange(1), default=None, help="solver threads (milp)"),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:1, ..."),
+        click.option("--threads", type=click.IntRange(1), default=None,
+                     help="torch CPU threads (1 is fastest for small networks on a busy machine)"),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -93,7 +102,7 @@ def _chain_options(f):
 @_chain_options
 def certify(model, eps, vnnlib_path, result_file, sat_unsat, dataset, split, num_samples, start, mean, std,
             data_range, batch_size, output, resume, as_json, plot, domains, timeout, attack, attack_steps,
-            attack_restarts, alpha_steps, milp_solver, milp_threads, device):
+            attack_restarts, alpha_steps, milp_solver, milp_threads, device, threads):
     """Certify L-inf robustness of test samples of an ONNX MODEL (file or shipped model name),
     or check a VNN-LIB property with --vnnlib.
 
@@ -103,6 +112,7 @@ def certify(model, eps, vnnlib_path, result_file, sat_unsat, dataset, split, num
     """
     from .model import load_model
 
+    _set_threads(threads)
     domain_names = _domain_names(domains)
     if vnnlib_path is not None:
         if eps is not None:
@@ -139,8 +149,9 @@ def _run_dataset(loaded, images, labels, indices, eps_list, cfg, data_range, bat
                  plot, domain_names):
     from .records import RecordWriter
     from .report import format_summary, format_sweep, plot_sweep, summarize
-    from .robustness import certify_samples
+    from .robustness import certify_samples, validate_samples
 
+    validate_samples(loaded, images, labels, indices, data_range)  # before the progress bar starts
     stages = (["attack"] if cfg.attack else []) + list(domain_names)
     writer = RecordWriter(output, resume=resume, model=loaded.path)
     interrupted = False
@@ -200,7 +211,7 @@ def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json):
 @click.option("--result-dir", default=None, type=click.Path(), help="also write one VNN-COMP result file per instance")
 @_chain_options
 def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, timeout, attack, attack_steps,
-            attack_restarts, alpha_steps, milp_solver, milp_threads, device):
+            attack_restarts, alpha_steps, milp_solver, milp_threads, device, threads):
     """Run every (onnx, vnnlib, timeout) row of an INSTANCES csv and write a results CSV.
 
     Exit codes: 0 ran, 1 some answer contradicts the `expected` column, 2 bad input.
@@ -211,6 +222,7 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, tim
     from .vnn import UNKNOWN, check_property, result_text
     from .vnnlib import load_vnnlib
 
+    _set_threads(threads)
     domain_names = _domain_names(domains)
     rows = _read(instances, benchmarks)
     models, out_rows, wrong = {}, [], []

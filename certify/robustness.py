@@ -23,15 +23,9 @@ def certify_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Tens
                     on_done: Optional[Callable[[int], None]] = None) -> None:
     """Certify images[indices] at every eps; records go to `writer` (samples it already holds
     are skipped). `on_done(k)` is called after k more samples finished (progress bar)."""
+    validate_samples(model, images, labels, indices, data_range)
     graph = model.graph
     num_classes = math.prod(graph.output_shape)
-    if len(indices) and int(labels[list(indices)].max()) >= num_classes:
-        raise ShapeError(f"dataset has label {int(labels[list(indices)].max())}, the model has only {num_classes} outputs")
-    lo, hi = data_range
-    sel = images[list(indices)] if len(indices) else images[:0]
-    if sel.numel() and (float(sel.min()) < lo - 1e-6 or float(sel.max()) > hi + 1e-6):
-        raise VerikitError(f"dataset values lie in [{float(sel.min()):g}, {float(sel.max()):g}], outside "
-                           f"--data-range [{lo:g}, {hi:g}] (is the data normalised? use --mean/--std instead)")
     chain = Chain(graph, config)
     dtype, device = graph.dtype, graph.device
     for eps in eps_list:
@@ -46,6 +40,22 @@ def certify_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Tens
             writer.write_all(recs)
             if on_done:
                 on_done(len(batch))
+
+
+def validate_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
+                     data_range=(0.0, 1.0)) -> None:
+    """Labels must index the model's outputs and data must lie in the data range."""
+    num_classes = math.prod(model.graph.output_shape)
+    if not len(indices):
+        return
+    sel_y = labels[list(indices)]
+    if int(sel_y.max()) >= num_classes or int(sel_y.min()) < 0:
+        raise ShapeError(f"dataset has label {int(sel_y.max())}, the model has only {num_classes} outputs")
+    lo, hi = data_range
+    sel = images[list(indices)]
+    if float(sel.min()) < lo - 1e-6 or float(sel.max()) > hi + 1e-6:
+        raise VerikitError(f"dataset values lie in [{float(sel.min()):g}, {float(sel.max()):g}], outside "
+                           f"--data-range [{lo:g}, {hi:g}] (is the data normalised? use --mean/--std instead)")
 
 
 def _certify_batch(chain: Chain, model: LoadedModel, x, y, batch, eps, num_classes, data_range) -> list[dict]:

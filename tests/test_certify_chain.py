@@ -16,6 +16,15 @@ from verikit.domains.base import unregister_domain
 from verikit.errors import VerikitError
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one torch thread is fastest (and fair on a shared machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     model = load_model(tiny_mnist_model())
