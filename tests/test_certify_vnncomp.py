@@ -1,0 +1,106 @@
+"""The public VNN-COMP 2021 instances: verikit's answers must match the agreed `expected`
+answer wherever verikit answers (unknown is allowed, a wrong answer never)."""
+import csv
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import SHARED
+from verikit.cli import main
+
+VNN = os.path.join(SHARED, "vnncomp2021")
+pytestmark = pytest.mark.skipif(not os.path.isdir(VNN), reason="shared VNN-COMP instances not present")
+FAST_MNIST = ["prop_2_0.03.vnnlib", "prop_6_0.03.vnnlib", "prop_7_0.03.vnnlib"]
+
+
+def _run(*args):
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return CliRunner().invoke(main, [str(a) for a in args] + ["--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _results(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check(rows, min_answered):
+    answered = [r for r in rows if r["result"] != "unknown"]
+    assert len(answered) >= min_answered
+    for r in answered:
+        assert r["result"] == r["expected"], r
+        assert r["agrees"] == "True"
+
+
+def test_test_benchmark_is_answered_correctly(tmp_path):
+    out = tmp_path / "results.csv"
+    res = _run("vnncomp", os.path.join(VNN, "instances.csv"), "--benchmark", "test", "-o", out,
+               "--domains", "box,crown", "--result-dir", tmp_path / "res")
+    assert res.exit_code == 0, res.output
+    rows = _results(out)
+    assert len(rows) == 5
+    _check(rows, min_answered=5)
+    files = sorted(os.listdir(tmp_path / "res"))
+    assert len(files) == 5
+    sat = (tmp_path / "res" / "test_test_sat_test_prop.txt").read_text()
+    assert sat.startswith("violated\n((X_0 ") and "(Y_0 " in sat
+
+
+def test_a_few_mnistfc_instances_with_box_and_crown(tmp_path):
+    csv_path = tmp_path / "instances.csv"
+    with open(os.path.join(VNN, "instances.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["benchmark"] == "mnistfc" and r["vnnlib"] in FAST_MNIST]
+    # the VNN-COMP form: no header, paths relative to the CSV's folder
+    os.symlink(os.path.join(VNN, "mnistfc"), tmp_path / "mnistfc")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        for r in rows:
+            w.writerow([f"mnistfc/{r['onnx']}", f"mnistfc/{r['vnnlib']}", r["timeout_s"]])
+    out = tmp_path / "results.csv"
+    res = _run("vnncomp", csv_path, "-o", out, "--domains", "box,crown")
+    assert res.exit_code == 0, res.output
+    got = {os.path.basename(r["vnnlib"]): r["result"] for r in _results(out)}
+    expected = {r["vnnlib"]: r["expected"] for r in rows}
+    assert set(got) == set(FAST_MNIST)
+    answered = {k: v for k, v in got.items() if v != "unknown"}
+    assert len(answered) >= 2 and all(v == expected[k] for k, v in answered.items())
+    assert got["prop_7_0.03.vnnlib"] == "violated"  # found by the attack, confirmed by onnxruntime
+
+
+def test_wrong_answers_are_flagged_with_exit_code_1(tmp_path):
+    csv_path = tmp_path / "instances.csv"
+    shutil.copy(os.path.join(VNN, "test", "test_sat.onnx"), tmp_path)
+    shutil.copy(os.path.join(VNN, "test", "test_prop.vnnlib"), tmp_path)
+    csv_path.write_text("benchmark,onnx,vnnlib,timeout_s,expected\nx,test_sat.onnx,test_prop.vnnlib,60,holds\n")
+    res = _run("vnncomp", csv_path, "-o", tmp_path / "r.csv", "--domains", "box")
+    assert res.exit_code == 1 and "WRONG ANSWER" in res.stdout
+
+
+def test_bad_instances_input(tmp_path):
+    res = _run("vnncomp", tmp_path / "none.csv")
+    assert res.exit_code == 2 and "not found" in res.stderr
+    res = _run("vnncomp", os.path.join(VNN, "instances.csv"), "--benchmark", "imagenet")
+    assert res.exit_code == 2 and "imagenet" in res.stderr and "acasxu" in res.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text("missing.onnx,missing.vnnlib,10\n")
+    res = _run("vnncomp", bad)
+    assert res.exit_code == 2 and "missing.onnx" in res.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bench", ["mnistfc", "acasxu"])
+def test_full_benchmarks_with_every_domain(tmp_path, bench):
+    from verikit.domains import available_domains
+
+    chain = ",".join(d for d in ("box", "deeppoly", "crown", "milp") if d in available_domains())
+    out = tmp_path / "results.csv"
+    res = _run("vnncomp", os.path.join(VNN, "instances.csv"), "--benchmark", bench, "-o", out, "--domains", chain,
+               "--max-timeout", "120")
+    assert res.exit_code == 0, res.output
+    _check(_results(out), min_answered=1)
