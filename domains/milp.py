@@ -123,6 +123,7 @@ class MilpDomain(Domain):
                 results[(r,)] = res
                 if res.status == "optimal" or res.bound > -math.inf:
                     lower[r] = max(lower[r], res.bound)
+                info.setdefault("argmin", {})[r] = None if res.x is None else res.x[enc.input_vars].copy()
         status, cex = VERIFIED, None
         # the groups most likely violated first: a counterexample ends the sample early
         groups = sorted(spec.group_list, key=lambda g: out_lo[list(g)].max())
