@@ -52,18 +52,42 @@ def check_property(model: LoadedModel, prop: VnnlibProperty, config: ChainConfig
             break
         chain = Chain(graph, dataclasses.replace(config, timeout=left))
         shape = (1,) + tuple(graph.input_shape)
-        box = Box(torch.tensor(case.lo, dtype=dtype, device=device).reshape(shape),
-                  torch.tensor(case.hi, dtype=dtype, device=device).reshape(shape))
+        box = Box(_round_out(case.lo, dtype, -1).reshape(shape), _round_out(case.hi, dtype, 1).reshape(shape)).to(device)
         (o,) = chain.run(box, case.spec.expand(1))
         by.append(o.by)
         if o.status == FALSIFIED:
-            x = o.counterexample.double().numpy().reshape(-1)
-            return VnnResult(VIOLATED, time.perf_counter() - t0, by, x, np.asarray(o.output).reshape(-1))
+            x = np.clip(o.counterexample.double().numpy().reshape(-1), case.lo, case.hi)
+            y = _confirm(model, case, x)
+            if y is not None:
+                return VnnResult(VIOLATED, time.perf_counter() - t0, by, x, y)
+            answer = UNKNOWN
+            notes.append("counterexample lies outside the exact input box")
+            continue
         if o.status != VERIFIED:
             answer = UNKNOWN
             if o.note:
                 notes.append(o.note)
     return VnnResult(answer, time.perf_counter() - t0, by, note="; ".join(sorted(set(notes))))
+
+
+def _round_out(values: np.ndarray, dtype, direction: int) -> torch.Tensor:
+    """The float64 bound as `dtype`, rounded outwards so the box still contains the exact one."""
+    t = torch.tensor(values, dtype=dtype)
+    exact = torch.tensor(values, dtype=torch.float64)
+    inward = (t.double() > exact) if direction < 0 else (t.double() < exact)
+    away = torch.full_like(t, -math.inf if direction < 0 else math.inf)
+    return torch.where(inward, torch.nextafter(t, away), t)
+
+
+def _confirm(model: LoadedModel, case, x: np.ndarray):
+    """onnxruntime's output at x (inside the exact box) if it violates the case, else None."""
+    from verikit.onnx_check import evaluate_with_onnxruntime
+
+    xt = torch.tensor(x, dtype=torch.float64).reshape((1,) + tuple(model.graph.input_shape))
+    feed = model.onnx_input(xt) if model.onnx_input is not None else xt
+    y = evaluate_with_onnxruntime(model.path, feed)
+    violated = case.spec.to(dtype=torch.float64).violated_by(torch.from_numpy(y.astype(np.float64)))
+    return y[0] if bool(violated[0]) else None
 
 
 def result_text(res: VnnResult, sat_unsat: bool = False) -> str:

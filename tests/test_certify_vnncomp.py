@@ -104,3 +104,17 @@ def test_full_benchmarks_with_every_domain(tmp_path, bench):
                "--max-timeout", "120")
     assert res.exit_code == 0, res.output
     _check(_results(out), min_answered=1)
+
+
+def test_input_boxes_are_rounded_outwards_to_float32():
+    import numpy as np
+    import torch
+
+    from verikit.certify.vnn import _round_out
+
+    vals = np.array([0.1, 1 / 3, -0.7, 0.5, 1e-9])
+    lo, hi = _round_out(vals, torch.float32, -1), _round_out(vals, torch.float32, 1)
+    assert lo.dtype == torch.float32 and bool((lo.double() <= torch.tensor(vals)).all())
+    assert bool((hi.double() >= torch.tensor(vals)).all())
+    assert bool((hi.double() - lo.double() <= 2 * np.spacing(np.float32(np.abs(vals)))).all())  # at most an ulp
+    assert float(lo[3]) == float(hi[3]) == 0.5  # exactly representable: unchanged
