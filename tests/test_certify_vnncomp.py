@@ -116,5 +116,6 @@ def test_input_boxes_are_rounded_outwards_to_float32():
     lo, hi = _round_out(vals, torch.float32, -1), _round_out(vals, torch.float32, 1)
     assert lo.dtype == torch.float32 and bool((lo.double() <= torch.tensor(vals)).all())
     assert bool((hi.double() >= torch.tensor(vals)).all())
-    assert bool((hi.double() - lo.double() <= 2 * np.spacing(np.float32(np.abs(vals)))).all())  # at most an ulp
+    ulp = torch.from_numpy(np.spacing(np.abs(vals).astype(np.float32)).astype(np.float64))
+    assert bool((hi.double() - lo.double() <= 2 * ulp).all())  # at most an ulp each way
     assert float(lo[3]) == float(hi[3]) == 0.5  # exactly representable: unchanged
