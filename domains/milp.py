@@ -189,7 +189,8 @@ class MilpDomain(Domain):
 
         def tighten(model: MilpModel, z, lo, hi, name):
             unstable = np.flatnonzero((lo < 0) & (hi > 0))
-            if unstable.size == 0 or time.perf_counter() >= deadline:
+            # with no constraints yet (first layer) the interval bounds are already exact
+            if unstable.size == 0 or model.num_rows() == 0 or time.perf_counter() >= deadline:
                 return lo, hi
             lo, hi = lo.copy(), hi.copy()
             objs = []
