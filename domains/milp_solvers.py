@@ -94,8 +94,8 @@ class HighsBackend:
         h.setOptionValue("mip_rel_gap", 1e-9)
         h.setOptionValue("mip_abs_gap", 1e-9)
         h.setOptionValue("random_seed", 0)
-        if opts.deterministic:
-            h.setOptionValue("threads", 1)
+        if opts.deterministic or opts.threads > 0:
+            h.setOptionValue("threads", 1 if opts.deterministic else int(opts.threads))
         lp = highspy.HighsLp()
         A = model.matrix().tocsc()
         lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]

@@ -237,3 +237,15 @@ def test_bound_tightening_keeps_answers_and_tightens_store(mode):
             assert (v >= t.lo.reshape(1, 2, -1) - 1e-5).all() and (v <= t.hi.reshape(1, 2, -1) + 1e-5).all()
             widths.append(float((t.hi - t.lo).detach().sum() - (box_store[name].hi - box_store[name].lo).detach().sum()))
     assert min(widths) < -1e-3  # some layer got strictly tighter
+
+
+@pytest.mark.parametrize("solver", ["highs"] + (["gurobi"] if HAVE_GUROBI else []))
+def test_deterministic_mode_repeats_exactly(solver):
+    graph = from_torch(mlp(9, [5, 16, 16, 4]), (5,))
+    box, spec = robustness_case(9, 5, 4, 2, 0.2)
+    runs = [get_domain("milp", solver=solver, deterministic=True, input_split=False, threads=2).bound(graph, box, spec)
+            for _ in range(2)]
+    assert runs[0].status == runs[1].status
+    assert torch.equal(runs[0].lower, runs[1].lower)
+    for a, b in zip(runs[0].counterexamples, runs[1].counterexamples):
+        assert (a is None and b is None) or torch.equal(a, b)
