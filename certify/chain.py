@@ -128,9 +128,8 @@ class Chain:
         t0 = time.perf_counter()
         sub_spec = spec.select(idx)
         try:
-            domain = cls(**opts)
-            with torch.no_grad():
-                res = domain.bound(self.graph, box[idx], sub_spec, store=store)
+            domain = cls(**opts)  # (no torch.no_grad here: domains may use autograd internally)
+            res = domain.bound(self.graph, box[idx], sub_spec, store=store)
         except (KeyboardInterrupt, MemoryError):
             raise
         except VerikitError as e:
