@@ -181,3 +181,26 @@ def test_bad_flags_exit_2(args, message):
     assert res.exit_code == 2, res.output
     assert message in res.output
     assert "Traceback" not in res.output
+
+
+def test_relu_shrinking_is_training_only(tmp_path, tiny_arch):
+    from verikit.bounds import Box
+    from verikit.domains.box import propagate_box as pb
+
+    t = make(tmp_path, tiny_arch, relu_shrink=0.8)
+    x = t.xtr[:8]
+    ball = Box.linf_ball(x, 0.1)
+    t.model.eval()
+    with torch.no_grad():
+        plain = pb(t.graph, ball)
+        shrunk = pb(t.train_graph, ball)
+    relu = next(n for n in t.graph.nodes if type(n.op).__name__ == "ReLU")
+    pre = plain[relu.inputs[0]]
+    unstable = (pre.lo < 0) & (pre.hi > 0)
+    assert unstable.any()
+    assert torch.allclose(shrunk[relu.name].hi[unstable], 0.8 * plain[relu.name].hi[unstable])
+    assert torch.equal(shrunk[relu.name].lo, plain[relu.name].lo)
+    # the verification graph (evaluation, export) keeps exact ReLUs
+    assert all(type(n.op).__name__ != "ShrinkReLU" for n in t.graph.nodes)
+    loss, _ = t.loss_on_batch(t.xtr[:32], t.ytr[:32], 0.1, 0)
+    assert torch.isfinite(loss)

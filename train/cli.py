@@ -89,7 +89,11 @@ def train(method, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, 
     click.echo(f"training {c.model} on {c.dataset}: {c.kind} (λ={c.sabr_lambda}, domain {c.domain}), ε={c.eps}, "
                f"{c.epochs} epochs (warm-up {c.warmup_epochs}, ramp {c.ramp_epochs}, lr milestones "
                f"{list(c.lr_milestones)}), device {trainer.device} -> {out_dir}")
-    trainer.fit(progress=not quiet)
+    try:
+        trainer.fit(progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted after epoch {trainer.epoch}; continue with: verikit train --resume {out_dir}", err=True)
+        raise SystemExit(130)
     finish_run(trainer)
 
 

@@ -27,6 +27,10 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, ball: Box, eps: float, st
     iterate with the highest loss seen. Runs the model in eval mode and restores its mode."""
     was_training = model.training
     model.eval()
+    # no autograd bookkeeping for the weights: the attack needs d loss / d input only
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     lo, hi = ball.lo.detach(), ball.hi.detach()
     u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     x_adv = lo + u * (hi - lo)
@@ -48,6 +52,8 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, ball: Box, eps: float, st
                 step *= PGD_DECAY
     finally:
         model.train(was_training)
+        for p in trainable:
+            p.requires_grad_(True)
     return best.detach()
 
 
