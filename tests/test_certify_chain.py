@@ -220,3 +220,21 @@ def test_normalisation_wrapper_is_exact(tiny):
         with_normalisation(model.graph, [0.1, 0.2], [1.0, 1.0])
     with pytest.raises(VerikitError, match="positive"):
         with_normalisation(model.graph, [0.1], [0.0])
+
+
+def test_domains_may_use_autograd_inside_the_chain(fake_domains, tiny):
+    model, x, y = tiny
+
+    @fake_domains
+    class GradUser(Domain):
+        name, description = "graduser", "takes a Jacobian, like milp's encoder"
+
+        def bound(self, graph, inputs, spec=None, store=None, ctx=None):
+            z = inputs.center.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(graph.forward(z).sum(), z)
+            assert g.shape == z.shape
+            return DomainResult(torch.full((z.shape[0], spec.num_rows), -1.0), None, store)
+
+    out = Chain(model.graph, ChainConfig(domains=["graduser"], attack=False)).run(
+        Box.linf_ball(x[:2], 0.1), Spec.robustness(y[:2], 10))
+    assert [o.status for o in out] == ["unknown", "unknown"]
