@@ -63,8 +63,7 @@ def run_model(name: str, n: int, eps: float, batch: int, milp_time: float, attac
         open_idx = torch.nonzero(robust & ~v_box).flatten().tolist()
         if crown is not None and open_idx:
             t = time.perf_counter()
-            with torch.no_grad():
-                rc = crown.bound(graph, ball[open_idx], spec.select(open_idx), store=rb.store.select(open_idx))
+            rc = crown.bound(graph, ball[open_idx], spec.select(open_idx), store=rb.store.select(open_idx))
             c["time"]["crown"] += time.perf_counter() - t
             v_crown[open_idx] = rc.verified(spec.select(open_idx))
             crown_store = {i: (rc.store, k) for k, i in enumerate(open_idx)}
