@@ -30,7 +30,7 @@ def check_counterexample(onnx_path, graph, prop, case_idx, x) -> bool:
 
     case = prop.cases[case_idx]
     flat = x.detach().double().reshape(-1).numpy()
-    if np.any(flat < case.lo - 1e-6) or np.any(flat > case.hi + 1e-6):
+    if np.any(flat < case.lo) or np.any(flat > case.hi):
         return False
     y = torch.from_numpy(evaluate_with_onnxruntime(onnx_path, x.reshape((1,) + tuple(graph.input_shape)), graph))
     return bool(case.spec.violated_by(y.double())[0])

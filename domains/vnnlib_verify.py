@@ -29,11 +29,31 @@ class VnnlibAnswer:
     solvers: set = field(default_factory=set)
 
 
-def case_box(graph, case) -> Box:
+def _round(values, dtype, direction: str) -> torch.Tensor:
+    """float64 values in `dtype`, rounded down or up (never to the nearest on the wrong side)."""
+    v64 = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    v = v64.to(dtype)
+    step = torch.full_like(v, -np.inf if direction == "down" else np.inf)
+    wrong = v.double() > v64 if direction == "down" else v.double() < v64
+    return torch.where(wrong, torch.nextafter(v, step), v)
+
+
+def case_box(graph, case, inward: bool = False) -> Box:
+    """The case's input box in the graph's dtype, rounded outward (sound for proofs) or inward
+    (every point of it lies in the property's box, for counterexamples)."""
     shape = (1,) + tuple(graph.input_shape)
-    lo = torch.tensor(np.asarray(case.lo), dtype=graph.dtype).reshape(shape)
-    hi = torch.tensor(np.asarray(case.hi), dtype=graph.dtype).reshape(shape)
+    lo = _round(case.lo, graph.dtype, "up" if inward else "down").reshape(shape)
+    hi = _round(case.hi, graph.dtype, "down" if inward else "up").reshape(shape)
     return Box(lo, hi)
+
+
+def _inside_property_box(graph, case, spec, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x moved (by at most rounding) into the property's own float64 box and re-confirmed."""
+    from .milp import confirm_counterexample
+
+    inner = case_box(graph, case, inward=True)
+    x = torch.maximum(torch.minimum(x.reshape(inner.lo.shape), inner.hi), inner.lo)
+    return x[0] if confirm_counterexample(graph, spec, x) else None
 
 
 def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), **milp_options) -> VnnlibAnswer:
@@ -56,8 +76,11 @@ def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), **milp
         else:
             res = get_domain("milp", time_limit=max(left, 1e-3), **milp_options).bound(graph, box, spec, store)
             out.solvers.update(s for s in res.info.get("solver", "").split(",") if s and s != "none")
+            cex = None
             if res.status[0] == FALSIFIED:
-                out.answer, out.counterexample, out.case = VIOLATED, res.counterexamples[0], k
+                cex = _inside_property_box(graph, case, spec, res.counterexamples[0])
+            if cex is not None:
+                out.answer, out.counterexample, out.case = VIOLATED, cex, k
                 break
             if res.status[0] != VERIFIED:
                 out.answer = UNKNOWN_ANSWER  # keep looking for a counterexample in other cases
