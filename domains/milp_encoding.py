@@ -168,20 +168,36 @@ class JacobianCache:
             mats = []
             for k, s in enumerate(shapes):
                 n = int(np.prod(s))
-                eye = torch.eye(n, dtype=torch.float64).reshape((n,) + s)
-                args = [eye if j == k else zeros[j].expand((n,) + shapes[j]) for j in range(len(shapes))]
-                J = (op64.forward(*args, ctx=self.ctx).reshape(n, -1) - f0).T  # (out, in)
-                mats.append(sp.csr_matrix(J.numpy()))
+                parts = []
+                for start, stop in _chunks(n, f0.numel()):
+                    eye = torch.zeros(stop - start, n, dtype=torch.float64)
+                    eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+                    eye = eye.reshape((stop - start,) + s)
+                    args = [eye if j == k else zeros[j].expand((stop - start,) + shapes[j]) for j in range(len(shapes))]
+                    cols = op64.forward(*args, ctx=self.ctx).reshape(stop - start, -1) - f0  # rows: inputs
+                    parts.append(sp.csr_matrix(cols.numpy()))
+                mats.append(sp.vstack(parts).T.tocsr())  # (out, in)
         return mats, f0.numpy()
+
+
+def _chunks(n: int, out_size: int, budget: int = 20_000_000):
+    """Basis vectors in batches whose images stay within `budget` numbers (big conv layers)."""
+    step = max(1, min(n, budget // max(out_size, n, 1)))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
 def _window_members(op: ir.MaxPool2d, in_shape: tuple) -> sp.csr_matrix:
     """(out, in) 0/1 matrix: which inputs lie in each output's pooling window (padding excluded)."""
     n = int(np.prod(in_shape))
+    out_size = int(np.prod(op.forward(torch.zeros((1,) + tuple(in_shape))).shape))
+    parts = []
     with torch.no_grad():
-        eye = torch.eye(n, dtype=torch.float64).reshape((n,) + tuple(in_shape))
-        M = op.forward(eye).reshape(n, -1).T
-    return sp.csr_matrix((M.numpy() > 0.5).astype(np.float64))
+        for start, stop in _chunks(n, out_size):
+            eye = torch.zeros(stop - start, n, dtype=torch.float64)
+            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
+            M = op.forward(eye.reshape((stop - start,) + tuple(in_shape))).reshape(stop - start, -1)
+            parts.append(sp.csr_matrix((M.numpy() > 0.5).astype(np.float64)))
+    return sp.vstack(parts).T.tocsr()
 
 
 def _relu(model: MilpModel, z: Expr, lo: np.ndarray, hi: np.ndarray) -> tuple[Expr, int]:

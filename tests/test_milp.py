@@ -249,3 +249,28 @@ def test_deterministic_mode_repeats_exactly(solver):
     assert torch.equal(runs[0].lower, runs[1].lower)
     for a, b in zip(runs[0].counterexamples, runs[1].counterexamples):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_residual_add_and_concat_graph_minimum_is_attained_and_sound():
+    from verikit import ir
+
+    torch.manual_seed(12)
+    gb = ir.GraphBuilder("x", (4,), torch.float32)
+    l1 = gb.add("l1", ir.Linear(torch.randn(4, 4), torch.randn(4) * 0.1), ["x"])
+    r1 = gb.add("r1", ir.ReLU(), [l1])
+    l2 = gb.add("l2", ir.Linear(torch.randn(4, 4), torch.randn(4) * 0.1), [r1])
+    add = gb.add("add", ir.Add(), [l2, l1])
+    r2 = gb.add("r2", ir.ReLU(), [add])
+    cat = gb.add("cat", ir.Concat(axis=1), [r2, "x"])
+    out = gb.add("out", ir.Linear(torch.randn(3, 8), torch.zeros(3)), [cat])
+    graph = gb.build(out)
+    box = Box.linf_ball(torch.rand(1, 4), 0.4, None)
+    spec = Spec.robustness(torch.tensor([2]), 3)
+    res = get_domain("milp", solver="highs", exact_bounds=True).bound(graph, box, spec)
+    argmin = res.info["samples"][0]["argmin"]
+    with torch.no_grad():
+        vals = spec.values(graph.forward(box.sample(4000)[:, 0]))
+        for r in range(spec.num_rows):
+            at = spec.values(graph.forward(torch.tensor(argmin[r], dtype=torch.float32)[None]))[0, r]
+            assert float(at) == pytest.approx(float(res.lower[0, r]), abs=1e-4)
+            assert float(vals[:, r].min()) >= float(res.lower[0, r]) - 1e-5
