@@ -1,0 +1,287 @@
+"""The backward linear-bound engine shared by DeepPoly and CROWN.
+
+A linear bound on node t is a coefficient tensor Lambda of shape (B, m, *shape_t): row i of
+sample b asks for min over the input box of  <Lambda[b, i], value_t(x_b)>.  The engine walks
+the graph backwards from t (reverse topological order), replacing each node's coefficients by
+coefficients on that node's inputs plus a constant:
+
+- affine ops: the transposed linear map is the op's vector-Jacobian product (torch.func.vjp
+  at 0, vmapped over the m rows) and the constant is <Lambda, f(0)>. No op needs a hand-written
+  rule; Linear and BatchNorm have short fast paths (same maths, fewer kernel launches, and
+  BatchNorm must not record batch statistics of a zero input).
+- activations: lines from the shared relaxation table (`relaxations.py`); positive
+  coefficients take the lower line, negative ones the upper line, so the result stays a
+  lower bound.
+- MaxPool: the window relaxation (`maxpool_relaxation`), scattered back with scatter_add.
+
+Coefficients meeting at a node (residual Add, Concat, a node used twice) are summed before the
+node is processed, so DAGs need nothing special. At the input, the bound is concretised
+against the input box. Upper bounds are lower bounds of the negated rows.
+
+Intermediate bounds (`refine_intermediate`) are computed for every node that feeds a
+non-linear op, in topological order, in chunks of rows (memory is rows x largest layer), only
+for neurons whose relaxation can still change (unstable ReLUs), and intersected with the
+bound store.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from verikit import ir
+from verikit.bounds import Box, BoundStore
+from verikit.errors import VerikitError
+
+from .box import propagate_box
+from .relaxations import LinearRelaxation, MaxPoolRelaxation, maxpool_relaxation, relaxation_for
+
+# activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
+_PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
+
+
+def _flat_dot(lam: Tensor, t: Tensor) -> Tensor:
+    """sum over the node dimensions of lam (B, m, *s) * t (B, *s) -> (B, m), as a batched matmul."""
+    B = lam.shape[0]
+    t = t.expand((B,) + tuple(lam.shape[2:]))
+    return torch.bmm(lam.reshape(B, lam.shape[1], -1), t.reshape(B, -1, 1)).squeeze(-1)
+
+
+class LinearBoundEngine:
+    """Back-substitution over one graph, input box and bound store (the store must already
+    hold bounds for every node, e.g. from `propagate_box`)."""
+
+    def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
+                 variant: str = "crown", max_rows_per_chunk: int = 4096):
+        if max_rows_per_chunk < 2:
+            raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
+        self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
+        self.max_rows = int(max_rows_per_chunk)
+        self.position = {n.name: i for i, n in enumerate(graph.nodes)}
+        inp = store[graph.input_name]
+        self.batch = inp.lo.shape[0]
+        self.device, self.dtype = inp.lo.device, inp.lo.dtype
+        self._affine: dict[str, tuple] = {}
+        self._relax: dict[str, object] = {}
+        self.rows_bounded = 0  # statistics, reported by the domains
+        self.nodes_refined = 0
+
+    # ------------------------------------------------------------ relaxations
+    def relaxation(self, node: ir.Node):
+        """The relaxation of a non-linear node from the (final) bounds of its input."""
+        if node.name not in self._relax:
+            box = self.store[node.inputs[0]]
+            if isinstance(node.op, ir.MaxPool2d):
+                self._relax[node.name] = maxpool_relaxation(node.op, box.lo, box.hi, self.graph.shapes[node.name][1:])
+            else:
+                self._relax[node.name] = relaxation_for(node.op, box.lo, box.hi, self.variant)
+        return self._relax[node.name]
+
+    def alpha_nodes(self, start: str) -> list[ir.Node]:
+        """Activation nodes before `start` whose lower slope is free (unstable ReLU-like)."""
+        out = []
+        for node in self.graph.nodes[: self.position[start]]:
+            if node.op.is_activation:
+                rel = self.relaxation(node)
+                if rel.alpha_mask is not None and bool(rel.alpha_mask.any()):
+                    out.append(node)
+        return out
+
+    # ------------------------------------------------------------ backward rules
+    def _affine_backward(self, node: ir.Node, lam: Tensor):
+        op = node.op
+        if isinstance(op, ir.Linear):
+            if node.name not in self._affine:  # a folded spec recomputes C W on every access
+                self._affine[node.name] = (op.weight, op.bias)
+            w, b = self._affine[node.name]
+            if w.dim() == 3:  # per-sample weights (a folded per-sample spec)
+                grads = torch.einsum("bmo,boi->bmi", lam, w)
+                const = torch.einsum("bmo,bo->bm", lam, b.expand(lam.shape[0], -1)) if b is not None else None
+            else:
+                grads = lam @ w
+                const = (lam @ b.unsqueeze(-1)).flatten(2).sum(-1) if b is not None else None
+            return (grads,), const
+        if isinstance(op, ir.BatchNorm):
+            if node.name not in self._affine:
+                try:
+                    scale, shift = op.scale_shift(lam[:, 0], self.ctx, record=False)
+                except RuntimeError as e:
+                    raise VerikitError(str(e)) from None
+                self._affine[node.name] = (scale.unsqueeze(1), shift)
+            scale, shift = self._affine[node.name]
+            return (lam * scale,), _flat_dot(lam, shift.expand_as(lam[:, 0]))
+        if node.name not in self._affine:
+            zeros = [torch.zeros((self.batch,) + tuple(self.graph.shapes[i]), device=self.device, dtype=self.dtype)
+                     for i in node.inputs]
+            bias, vjp_fn = torch.func.vjp(lambda *xs: op.forward(*xs, ctx=self.ctx), *zeros)
+            transpose = torch.func.vmap(vjp_fn, in_dims=1, out_dims=1)
+            self._affine[node.name] = (bias, transpose)
+        bias, transpose = self._affine[node.name]
+        return transpose(lam), _flat_dot(lam, bias)
+
+    def _activation_backward(self, node: ir.Node, lam: Tensor, alpha: Optional[Tensor]):
+        rel: LinearRelaxation = self.relaxation(node)
+        lo_s = rel.lower_slope.unsqueeze(1)
+        if alpha is not None:
+            lo_s = torch.where(rel.alpha_mask.unsqueeze(1), alpha, lo_s)
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        grad = pos * lo_s + neg * rel.upper_slope.unsqueeze(1)
+        const = _flat_dot(pos, rel.lower_bias) + _flat_dot(neg, rel.upper_bias)
+        return (grad,), const
+
+    def _maxpool_backward(self, node: ir.Node, lam: Tensor):
+        rel: MaxPoolRelaxation = self.relaxation(node)
+        B, m, C = lam.shape[:3]
+        lam = lam.reshape(B, m, C, -1)  # (B, m, C, L)
+        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        exact = rel.exact.unsqueeze(1)
+        coef = pos + torch.where(exact, neg, torch.zeros_like(neg))
+        const = torch.where(exact, torch.zeros_like(neg), neg * rel.upper_const.unsqueeze(1)).flatten(2).sum(-1)
+        Hp, Wp = rel.padded_hw
+        padded = torch.zeros(B, m, C, Hp * Wp, device=lam.device, dtype=lam.dtype)
+        padded = padded.scatter_add(3, rel.index.unsqueeze(1).expand(B, m, C, -1), coef)
+        grad = torch.nn.functional.pad(padded.reshape(B, m, C, Hp, Wp), tuple(-p for p in rel.pads))
+        return (grad,), const
+
+    # ------------------------------------------------------------ back-substitution
+    def lower_bound(self, start: str, lam: Tensor, alphas: Optional[dict] = None) -> Tensor:
+        """min over the input box of <lam[b, i], value_start(x)> for every sample b and row i:
+        a (B, m) tensor. `alphas` maps activation node -> lower slopes (B, m, *shape) that
+        replace the relaxation's free slopes (alpha-CROWN)."""
+        graph = self.graph
+        const = torch.zeros(lam.shape[:2], device=lam.device, dtype=lam.dtype)
+        if start == graph.input_name:
+            pending = {start: lam}
+        else:
+            pending = {start: lam}
+            for node in reversed(graph.nodes[: self.position[start] + 1]):
+                lam_n = pending.pop(node.name, None)
+                if lam_n is None:
+                    continue
+                if node.op.is_affine:
+                    grads, c = self._affine_backward(node, lam_n)
+                elif node.op.is_activation:
+                    grads, c = self._activation_backward(node, lam_n, None if alphas is None else alphas.get(node.name))
+                elif isinstance(node.op, ir.MaxPool2d):
+                    grads, c = self._maxpool_backward(node, lam_n)
+                else:
+                    raise VerikitError(f"back-substitution has no rule for {node.op.op_type} (node {node.name})")
+                if c is not None:
+                    const = const + c
+                for name, g in zip(node.inputs, grads):
+                    pending[name] = pending[name] + g if name in pending else g
+        lam_x = pending.pop(graph.input_name, None)
+        if lam_x is not None:
+            box = self.store[graph.input_name]
+            const = const + _flat_dot(lam_x, box.center) - _flat_dot(lam_x.abs(), box.radius)
+        return const
+
+    def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,
+        in chunks of at most `max_rows_per_chunk` rows over the whole batch."""
+        shape = tuple(self.graph.shapes[name])
+        n = math.prod(shape)
+        B = self.batch
+        per_chunk = max(1, self.max_rows // (2 * B))
+        lows, highs = [], []
+        node = self.graph.node(name) if name != self.graph.input_name else None
+        for chunk in rows.split(per_chunk):
+            k = chunk.numel()
+            if node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
+                lb = self._linear_rows(node, chunk)
+            else:
+                lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
+                ar = torch.arange(k, device=self.device)
+                lam[:, ar, chunk] = 1.0
+                lam[:, ar + k, chunk] = -1.0
+                lb = self.lower_bound(name, lam.reshape((B, 2 * k) + shape))
+            lows.append(lb[:, :k])
+            highs.append(-lb[:, k:])
+            self.rows_bounded += 2 * k * B
+        return torch.cat(lows, 1), torch.cat(highs, 1)
+
+    def _linear_rows(self, node: ir.Node, rows: Tensor) -> Tensor:
+        """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
+        product: the coefficients on its input are just the selected weight rows."""
+        w, b = node.op.weight, node.op.bias
+        B = self.batch
+        w = w[..., rows, :] if w.dim() == 3 else w[rows].expand(B, -1, -1)
+        lam = torch.cat([w, -w], 1)
+        lb = self.lower_bound(node.inputs[0], lam)
+        if b is not None:
+            b = b[..., rows].expand(B, -1)
+            lb = lb + torch.cat([b, -b], 1)
+        return lb
+
+    def refine_node(self, name: str) -> Box:
+        """Back-substitute the neurons of `name` whose bounds matter, intersect with the store."""
+        box = self.store[name]
+        B = box.lo.shape[0]
+        lo, hi = box.lo.reshape(B, -1), box.hi.reshape(B, -1)
+        users = [self.graph.node(u).op for u in self.graph.consumers()[name]]
+        if all(isinstance(op, _PIECEWISE_LINEAR) for op in users):
+            rows = ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
+        else:
+            rows = torch.arange(lo.shape[1], device=lo.device)
+        if rows.numel() == 0:
+            return box
+        new_lo, new_hi = self.bound_rows(name, rows)
+        lo, hi = lo.clone(), hi.clone()
+        lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+        hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+        self.nodes_refined += 1
+        return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
+
+    def preactivation_nodes(self) -> list[str]:
+        """Nodes (in topological order) whose bounds some non-linear op's relaxation needs."""
+        needed = []
+        for node in self.graph.nodes:
+            if not node.op.is_affine:
+                src = node.inputs[0]
+                if src != self.graph.input_name and src not in needed:
+                    needed.append(src)
+        return sorted(needed, key=self.position.__getitem__)
+
+    def refine_intermediate(self) -> None:
+        """Bounds for every pre-activation node by back-substitution, in topological order; after
+        each, interval bounds downstream are refreshed from the tighter ones (so later layers
+        select fewer unstable neurons)."""
+        inputs = self.store[self.graph.input_name]
+        for name in self.preactivation_nodes():
+            self.refine_node(name)
+            propagate_box(self.graph, inputs, self.store, self.ctx)
+
+
+def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+    """Back-substituted bounds of every (flattened) output of the engine's graph: (B, m) each."""
+    name = engine.graph.output
+    n = math.prod(engine.graph.shapes[name])
+    rows = torch.arange(n, device=engine.device)
+    if upper:
+        return engine.bound_rows(name, rows)
+    eye = torch.eye(n, device=engine.device, dtype=engine.dtype).expand(engine.batch, n, n)
+    lam = eye.reshape((engine.batch, n) + tuple(engine.graph.shapes[name]))
+    return engine.lower_bound(name, lam), None
+
+
+def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
+            max_rows_per_chunk: int) -> LinearBoundEngine:
+    """Interval bounds first (reusing and tightening `store`), then back-substituted bounds for
+    every pre-activation node: the state both DeepPoly and CROWN bound the output from."""
+    store = propagate_box(graph, inputs, store, ctx)
+    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk)
+    engine.refine_intermediate()
+    return engine
+
+
+def finish(engine: LinearBoundEngine, lower: Tensor, upper: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Intersect output bounds with the store (never looser than what earlier domains found)."""
+    name = engine.graph.output
+    stored = engine.store[name]
+    B = lower.shape[0]
+    if upper is None:
+        upper = stored.hi.reshape(B, -1)
+    box = engine.store.update(name, Box(lower.reshape(stored.lo.shape), upper.reshape(stored.hi.shape)))
+    return box.lo.reshape(B, -1), box.hi.reshape(B, -1)

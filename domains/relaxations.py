@@ -1,0 +1,225 @@
+"""The one table of linear relaxations for the non-linear IR ops.
+
+For an element-wise activation f and pre-activation bounds l <= x <= u, a relaxation is a pair
+of lines valid on [l, u]:
+
+    lower_slope * x + lower_bias  <=  f(x)  <=  upper_slope * x + upper_bias
+
+Back-substitution domains (DeepPoly, CROWN) use them to push linear bounds through the op;
+LP/MILP encodings can use the same lines as constraints. Every function takes batched bound
+tensors of any shape and returns a `LinearRelaxation` of the same shape.
+
+`variant` picks between the two published choices where they differ:
+- "deeppoly": ERAN's DeepPoly (area heuristic for the ReLU lower slope; for S-shaped functions
+  one slope min(f'(l), f'(u)) through an end point, or the chord where f is concave/convex);
+- "crown": CROWN's adaptive relaxations (same ReLU heuristic; tangents for S-shaped functions,
+  chosen to touch f, which is tighter).
+
+MaxPool is not element-wise: `maxpool_relaxation` describes it per pooling window.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verikit import ir
+from verikit.errors import VerikitError
+
+VARIANTS = ("deeppoly", "crown")
+_TINY_WIDTH = 1e-7  # below this width an interval is treated as a point (constant bounds)
+
+
+@dataclass
+class LinearRelaxation:
+    lower_slope: Tensor
+    lower_bias: Tensor
+    upper_slope: Tensor
+    upper_bias: Tensor
+    # elements whose lower slope may be any value in alpha_range (through the origin, bias 0):
+    # alpha-CROWN optimises them. None when the op has no such free slope.
+    alpha_mask: Optional[Tensor] = None
+    alpha_range: tuple = (0.0, 1.0)
+
+
+# ---------------------------------------------------------------- ReLU family
+def _leaky_relaxation(l: Tensor, u: Tensor, a: float) -> LinearRelaxation:
+    """f(x) = x for x >= 0, a*x for x < 0 (a = 0: ReLU). Convex when a <= 1, concave when a > 1."""
+    one = torch.ones_like(l)
+    active, inactive = l >= 0, u <= 0
+    unstable = ~(active | inactive)
+    width = torch.where(unstable, u - l, one)
+    chord = torch.where(unstable, (u - a * l) / width, one)  # slope of the chord (l, a l)-(u, u)
+    chord_bias = u - chord * u
+    # the free slope through the origin: 1 when the positive side is wider (area heuristic)
+    free = torch.where(u > -l, one, torch.full_like(l, a))
+    stable_slope = torch.where(active, one, torch.full_like(l, a))
+    zero = torch.zeros_like(l)
+    if a <= 1:  # convex: chord above, free line below
+        lo_s = torch.where(unstable, free, stable_slope)
+        up_s = torch.where(unstable, chord, stable_slope)
+        up_b = torch.where(unstable, chord_bias, zero)
+        return LinearRelaxation(lo_s, zero, up_s, up_b, alpha_mask=unstable, alpha_range=(a, 1.0))
+    lo_s = torch.where(unstable, chord, stable_slope)  # concave: chord below, free line above
+    lo_b = torch.where(unstable, chord_bias, zero)
+    up_s = torch.where(unstable, free, stable_slope)
+    return LinearRelaxation(lo_s, lo_b, up_s, zero)
+
+
+def relu_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    return _leaky_relaxation(l, u, 0.0)
+
+
+def leaky_relu_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    return _leaky_relaxation(l, u, float(op.alpha) if op is not None else 0.01)
+
+
+# ---------------------------------------------------------------- S-shaped (sigmoid, tanh)
+def _sigmoid_grad(x: Tensor) -> Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _tanh_grad(x: Tensor) -> Tensor:
+    return 1 - torch.tanh(x) ** 2
+
+
+def _tangent(f, df, d: Tensor):
+    s = df(d)
+    return s, f(d) - s * d
+
+
+def _tangent_through(f, df, anchor: Tensor, lo: Tensor, hi: Tensor, iters: int = 30) -> Tensor:
+    """A tangent point d in [lo, hi] whose tangent line stays on the valid side of f(anchor).
+
+    The tangent at d passes above (for d >= 0 and anchor < 0) or below (d <= 0, anchor > 0) the
+    point (anchor, f(anchor)) for d far from 0; bisection moves towards the touching point while
+    keeping the end that is still valid, so the result is always sound.
+    """
+    valid, invalid = hi.clone(), lo.clone()  # hi end: far from the inflection point, always valid
+    fa = f(anchor)
+    above = anchor < 0  # upper bound through a left anchor, else lower bound through a right one
+    for _ in range(iters):
+        mid = (valid + invalid) / 2
+        s, b = _tangent(f, df, mid)
+        gap = s * anchor + b - fa
+        ok = torch.where(above, gap >= 0, gap <= 0)
+        valid = torch.where(ok, mid, valid)
+        invalid = torch.where(ok, invalid, mid)
+    return valid
+
+
+def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> LinearRelaxation:
+    """Sound lines for a function that is convex on x <= 0, concave on x >= 0, increasing."""
+    if variant not in VARIANTS:
+        raise VerikitError(f"unknown relaxation variant {variant!r}; known: {', '.join(VARIANTS)}")
+    point = (u - l) <= _TINY_WIDTH
+    u_safe = torch.where(point, l + 1.0, u)  # keeps every formula finite; point cases are replaced below
+    fl, fu = f(l), f(u_safe)
+    chord = (fu - fl) / (u_safe - l)
+    convex, concave = u_safe <= 0, l >= 0
+    if variant == "deeppoly":
+        s_min = torch.minimum(df(l), df(u_safe))
+        lo_s = torch.where(concave, chord, s_min)
+        lo_b = fl - lo_s * l
+        up_s = torch.where(convex, chord, s_min)
+        up_b = fu - up_s * u_safe
+    else:
+        mid = (l + u_safe) / 2
+        t_s, t_b = _tangent(f, df, mid)
+        # crossing case: tangent through the far end point, or the chord if that is already valid
+        d_up = _tangent_through(f, df, l, torch.zeros_like(l), torch.clamp(u_safe, min=0))
+        d_lo = _tangent_through(f, df, u_safe, torch.zeros_like(l), torch.clamp(l, max=0))
+        up_cross_s, up_cross_b = _tangent(f, df, d_up)
+        lo_cross_s, lo_cross_b = _tangent(f, df, d_lo)
+        chord_b = fl - chord * l
+        up_chord_ok = chord <= df(u_safe)  # chord stays above f near u
+        lo_chord_ok = chord <= df(l)
+        up_cross_s = torch.where(up_chord_ok, chord, up_cross_s)
+        up_cross_b = torch.where(up_chord_ok, chord_b, up_cross_b)
+        lo_cross_s = torch.where(lo_chord_ok, chord, lo_cross_s)
+        lo_cross_b = torch.where(lo_chord_ok, chord_b, lo_cross_b)
+        lo_s = torch.where(convex, t_s, torch.where(concave, chord, lo_cross_s))
+        lo_b = torch.where(convex, t_b, torch.where(concave, chord_b, lo_cross_b))
+        up_s = torch.where(concave, t_s, torch.where(convex, chord, up_cross_s))
+        up_b = torch.where(concave, t_b, torch.where(convex, chord_b, up_cross_b))
+    # guard against rounding: where the line can touch f (end points, the inflection point),
+    # move the intercept by any violation found, so the lines are sound in floating point
+    probes = [l, u_safe, torch.clamp(torch.zeros_like(l), l, u_safe)]
+    lo_b = lo_b - torch.stack([(lo_s * p + lo_b - f(p)).clamp(min=0) for p in probes]).amax(0)
+    up_b = up_b + torch.stack([(f(p) - up_s * p - up_b).clamp(min=0) for p in probes]).amax(0)
+    zero = torch.zeros_like(l)
+    # a point interval (or an almost-point) is bounded by constants: f is monotone
+    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, fl, lo_b),
+                            torch.where(point, zero, up_s), torch.where(point, f(u), up_b))
+
+
+def sigmoid_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    return _s_shaped(torch.sigmoid, _sigmoid_grad, l, u, variant)
+
+
+def tanh_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    return _s_shaped(torch.tanh, _tanh_grad, l, u, variant)
+
+
+# the table: every element-wise activation type in the IR must appear here (a test checks it)
+RELAXATIONS: dict[type, Callable[..., LinearRelaxation]] = {
+    ir.ReLU: relu_relaxation,
+    ir.LeakyReLU: leaky_relu_relaxation,
+    ir.Sigmoid: sigmoid_relaxation,
+    ir.Tanh: tanh_relaxation,
+}
+
+
+def relaxation_for(op: ir.Op, l: Tensor, u: Tensor, variant: str = "crown") -> LinearRelaxation:
+    """Sound linear bounds of the element-wise activation `op` on [l, u]."""
+    for t in type(op).__mro__:
+        if t in RELAXATIONS:
+            return RELAXATIONS[t](l, u, variant, op)
+    raise VerikitError(f"no linear relaxation for {op.op_type}")
+
+
+# ---------------------------------------------------------------- max-pooling
+@dataclass
+class MaxPoolRelaxation:
+    """Per pooling window: y >= x[argmax of lower bounds] always; y <= that same input when its
+    lower bound beats every other input's upper bound (`exact`), else y <= max upper bound.
+
+    `windows` maps the window layout back to the input: `index` (B, C, L) is the flat position
+    (in the padded input) of the chosen element, L = number of windows.
+    """
+
+    index: Tensor  # (B, C, L) flat positions in the padded input
+    exact: Tensor  # (B, C, L) bool
+    upper_const: Tensor  # (B, C, L) max upper bound of the window
+    padded_hw: tuple  # (Hp, Wp) of the padded input
+    pads: tuple  # F.pad order (left, right, top, bottom); may be negative (cropping)
+
+
+def _pool_geometry(op: ir.MaxPool2d, in_hw: tuple, out_hw: tuple):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = op.kernel, op.stride, op.padding, op.dilation
+    need_h = (out_hw[0] - 1) * sh + dh * (kh - 1) + 1
+    need_w = (out_hw[1] - 1) * sw + dw * (kw - 1) + 1
+    pads = (pw, need_w - in_hw[1] - pw, ph, need_h - in_hw[0] - ph)
+    return pads, (need_h, need_w)
+
+
+def maxpool_relaxation(op: ir.MaxPool2d, l: Tensor, u: Tensor, out_hw: tuple) -> MaxPoolRelaxation:
+    B, C, H, W = l.shape
+    pads, padded_hw = _pool_geometry(op, (H, W), out_hw)
+    unfold = lambda t: F.unfold(F.pad(t, pads, value=float("-inf")), op.kernel, op.dilation, 0, op.stride)
+    # (B, C*K, L) -> (B, C, K, L)
+    lw = unfold(l).reshape(B, C, -1, out_hw[0] * out_hw[1])
+    uw = unfold(u).reshape(B, C, -1, out_hw[0] * out_hw[1])
+    best_lower, k = lw.max(dim=2)  # (B, C, L)
+    others = uw.scatter(2, k.unsqueeze(2), float("-inf")).amax(dim=2)
+    exact = best_lower >= others
+    upper_const = uw.amax(dim=2)
+    # flat padded-input position of element k in window L
+    positions = torch.arange(padded_hw[0] * padded_hw[1], device=l.device, dtype=l.dtype).reshape(1, 1, *padded_hw)
+    pos_w = F.unfold(positions, op.kernel, op.dilation, 0, op.stride).reshape(-1, out_hw[0] * out_hw[1])  # (K, L)
+    index = pos_w.long().expand(B, C, -1, -1).gather(2, k.unsqueeze(2)).squeeze(2)
+    return MaxPoolRelaxation(index, exact, upper_const, padded_hw, pads)
