@@ -1,0 +1,77 @@
+"""The shared relaxation table: every line is sound on its interval, in every regime."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from verikit import ir
+from verikit.domains.relaxations import RELAXATIONS, VARIANTS, maxpool_relaxation, relaxation_for
+
+OPS = [ir.ReLU(), ir.LeakyReLU(0.1), ir.LeakyReLU(1.7), ir.Sigmoid(), ir.Tanh()]
+
+
+def test_table_covers_every_activation():
+    assert {t for t in ir.ALL_OP_TYPES if t.is_activation} <= set(RELAXATIONS)
+
+
+def _check(op, l, u, variant, dtype, tol):
+    l, u = l.to(dtype), u.to(dtype)
+    rel = relaxation_for(op, l, u, variant)
+    t = torch.linspace(0, 1, 201, dtype=dtype).reshape(-1, 1)
+    xs = l + t * (u - l)  # (201, n) points including both ends
+    f = op.forward(xs)
+    tol = tol * (1 + f.abs())  # relative: float32 rounds lines through values of size |f|
+    lower = rel.lower_slope * xs + rel.lower_bias
+    upper = rel.upper_slope * xs + rel.upper_bias
+    assert (lower <= f + tol).all(), (op, variant, (lower - f).max())
+    assert (upper >= f - tol).all(), (op, variant, (f - upper).max())
+    if rel.alpha_mask is not None:  # every free slope in the range is sound too
+        lo_a, hi_a = rel.alpha_range
+        for a in (lo_a, (lo_a + hi_a) / 2, hi_a):
+            s = torch.where(rel.alpha_mask, torch.full_like(l, a), rel.lower_slope)
+            assert (s * xs + torch.where(rel.alpha_mask, 0, rel.lower_bias) <= f + tol).all()
+    return rel
+
+
+@pytest.mark.parametrize("op", OPS, ids=lambda o: o.describe())
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_grid_of_intervals(op, variant, dtype, tol):
+    # convex-only, concave-only, crossing, wide, tiny and point intervals
+    ends = torch.tensor([-30.0, -6.0, -2.0, -0.5, -1e-9, 0.0, 1e-9, 0.3, 1.0, 4.0, 25.0])
+    l, u = torch.meshgrid(ends, ends, indexing="ij")
+    keep = l <= u
+    _check(op, l[keep], u[keep], variant, dtype, tol)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(-12, 12), st.floats(0, 15)), min_size=1, max_size=20),
+       st.sampled_from(OPS), st.sampled_from(VARIANTS))
+def test_random_intervals(pairs, op, variant):
+    l = torch.tensor([p[0] for p in pairs], dtype=torch.float64)
+    u = l + torch.tensor([p[1] for p in pairs], dtype=torch.float64)
+    _check(op, l, u, variant, torch.float64, 1e-12)
+
+
+def test_crown_tangents_are_no_looser_than_deeppoly_on_average():
+    l = torch.linspace(-5, 3, 60, dtype=torch.float64).repeat(60)
+    u = l + torch.linspace(0.1, 6, 60, dtype=torch.float64).repeat_interleave(60)
+    for op in (ir.Sigmoid(), ir.Tanh()):
+        gaps = {}
+        for variant in VARIANTS:
+            rel = relaxation_for(op, l, u, variant)
+            t = torch.linspace(0, 1, 101, dtype=torch.float64).reshape(-1, 1)
+            xs = l + t * (u - l)
+            gaps[variant] = ((rel.upper_slope * xs + rel.upper_bias) - (rel.lower_slope * xs + rel.lower_bias)).mean()
+        assert gaps["crown"] < gaps["deeppoly"]
+
+
+def test_maxpool_relaxation_exact_when_one_input_dominates():
+    l = torch.tensor([[[[5.0, 0.0], [1.0, 2.0]]]])
+    u = torch.tensor([[[[6.0, 1.0], [3.0, 4.0]]]])
+    rel = maxpool_relaxation(ir.MaxPool2d((2, 2), (2, 2)), l, u, (1, 1))
+    assert rel.exact.all() and rel.index.item() == 0
+    rel2 = maxpool_relaxation(ir.MaxPool2d((2, 2), (2, 2)), l - torch.tensor([[[[2.0, 0, 0, 0]]]]).reshape(1, 1, 2, 2), u, (1, 1))
+    assert not rel2.exact.any() and rel2.upper_const.item() == 6.0
