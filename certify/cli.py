@@ -205,7 +205,7 @@ def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json):
 @click.command()
 @click.argument("instances", type=click.Path())
 @click.option("--output", "-o", default="results.csv", show_default=True, type=click.Path(),
-              help="results CSV (benchmark,onnx,vnnlib,result,seconds,expected,agrees)")
+              help="results CSV (benchmark,onnx,vnnlib,result,seconds,expected,agrees,note)")
 @click.option("--benchmark", "benchmarks", multiple=True, help="only these benchmarks (repeatable)")
 @click.option("--max-timeout", type=float, default=None, help="cap every instance's timeout (seconds)")
 @click.option("--result-dir", default=None, type=click.Path(), help="also write one VNN-COMP result file per instance")
@@ -219,7 +219,7 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, tim
     import csv
 
     from .model import load_model
-    from .vnn import UNKNOWN, check_property, result_text
+    from .vnn import UNKNOWN, VnnResult, check_property, result_text
     from .vnnlib import load_vnnlib
 
     _set_threads(threads)
@@ -236,12 +236,16 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, tim
                 limit = min(limit, max_timeout) if limit is not None else max_timeout
             cfg = _chain_config(domain_names, attack, attack_steps, attack_restarts, limit, alpha_steps,
                                 milp_solver, milp_threads, loaded)
-            res = check_property(loaded, load_vnnlib(inst["vnnlib_path"]), cfg)
-            agrees = "" if res.answer == UNKNOWN or not inst["expected"] else str(res.answer == inst["expected"])
+            try:
+                res = check_property(loaded, load_vnnlib(inst["vnnlib_path"]), cfg)
+            except VerikitError as e:  # one broken instance (e.g. a domain that cannot handle it) ends only itself
+                res = VnnResult("error", 0.0, note=str(e))
+                click.echo(f"\nerror on {inst['onnx']} {inst['vnnlib']}: {e}", err=True)
+            agrees = "" if res.answer in (UNKNOWN, "error") or not inst["expected"] else str(res.answer == inst["expected"])
             if agrees == "False":
                 wrong.append(inst)
             out_rows.append([inst["benchmark"], inst["onnx"], inst["vnnlib"], res.answer, f"{res.seconds:.3f}",
-                             inst["expected"], agrees])
+                             inst["expected"], agrees, res.note])
             if result_dir:
                 os.makedirs(result_dir, exist_ok=True)
                 stem = f"{inst['benchmark'] + '_' if inst['benchmark'] else ''}" \
@@ -250,13 +254,14 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, tim
                     f.write(result_text(res))
     with open(output, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["benchmark", "onnx", "vnnlib", "result", "seconds", "expected", "agrees"])
+        w.writerow(["benchmark", "onnx", "vnnlib", "result", "seconds", "expected", "agrees", "note"])
         w.writerows(out_rows)
     n = len(out_rows)
     count = lambda a: sum(1 for r in out_rows if r[3] == a)
-    answered = n - count(UNKNOWN)
+    answered = n - count(UNKNOWN) - count("error")
     agree = sum(1 for r in out_rows if r[6] == "True")
-    click.echo(f"{n} instances: {count('holds')} holds, {count('violated')} violated, {count(UNKNOWN)} unknown; "
+    click.echo(f"{n} instances: {count('holds')} holds, {count('violated')} violated, {count(UNKNOWN)} unknown, "
+               f"{count('error')} errors; "
                f"{agree} of {answered} answers checked against expected agree; "
                f"total {sum(float(r[4]) for r in out_rows):.1f} s; results in {output}")
     for inst in wrong:

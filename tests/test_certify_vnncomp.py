@@ -119,3 +119,31 @@ def test_input_boxes_are_rounded_outwards_to_float32():
     ulp = torch.from_numpy(np.spacing(np.abs(vals).astype(np.float32)).astype(np.float64))
     assert bool((hi.double() - lo.double() <= 2 * ulp).all())  # at most an ulp each way
     assert float(lo[3]) == float(hi[3]) == 0.5  # exactly representable: unchanged
+
+
+def test_an_instance_a_domain_cannot_handle_is_an_error_row_not_a_crash(tmp_path):
+    import torch
+
+    from verikit.domains import Domain, register_domain
+    from verikit.domains.base import unregister_domain
+
+    @register_domain
+    class Broken(Domain):
+        name, description = "brokenvnn", "always fails"
+
+        def bound(self, graph, inputs, spec=None, store=None, ctx=None):
+            raise RuntimeError("no rule for this op")
+
+    try:
+        out = tmp_path / "r.csv"
+        res = _run("vnncomp", os.path.join(VNN, "instances.csv"), "--benchmark", "test", "-o", out,
+                   "--domains", "box,brokenvnn", "--no-attack")
+    finally:
+        unregister_domain("brokenvnn")
+    assert res.exit_code == 0, res.output
+    rows = _results(out)
+    assert len(rows) == 5
+    for r in rows:  # box alone settles some; the rest reach the broken domain and become errors
+        assert r["result"] in ("holds", "error")
+        assert r["result"] != "error" or "brokenvnn" in r["note"]
+    assert any(r["result"] == "error" for r in rows) and "error on" in res.stderr
