@@ -103,7 +103,9 @@ def test_full_benchmarks_with_every_domain(tmp_path, bench):
     res = _run("vnncomp", os.path.join(VNN, "instances.csv"), "--benchmark", bench, "-o", out, "--domains", chain,
                "--max-timeout", "120")
     assert res.exit_code == 0, res.output
-    _check(_results(out), min_answered=1)
+    rows = _results(out)
+    assert not [r for r in rows if r["result"] == "error"], [r["note"] for r in rows if r["result"] == "error"][:1]
+    _check(rows, min_answered=1)
 
 
 def test_input_boxes_are_rounded_outwards_to_float32():
