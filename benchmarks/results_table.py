@@ -98,13 +98,14 @@ def markdown(results: dict, eps: float, n: int, milp_time: float, attack_steps: 
     pct = lambda k, c: f"{100 * c[k] / c['n']:.1f}%"
     lines = [f"Certified robustness of the shipped models on the first {n} MNIST test images, ε = {eps} "
              f"(L∞, pixels in [0, 1]).", "",
-             "| model | standard acc. | PGD acc. | certified: box | box,crown | box,crown,milp | MILP timeouts |",
+             "| model | standard acc. | PGD acc. | certified: box | box,crown | box,crown,milp | MILP runs: verified / counterexample / timeout |",
              "|---|---|---|---|---|---|---|"]
     for name, c in results.items():
         crown = pct("crown", c) if c["has_crown"] else "n/a"
         milp = pct("milp", c) if c["has_milp"] else "n/a"
         lines.append(f"| `{name}` | {pct('clean', c)} | {pct('pgd', c)} | {pct('box', c)} | {crown} | {milp} | "
-                     f"{c['milp_timeouts']} of {c['milp_runs']} |")
+                     f"{c['milp_runs']}: {c['milp_runs'] - c['milp_falsified'] - c['milp_timeouts']} / {c['milp_falsified']} / "
+                     f"{c['milp_timeouts']} |")
     lines += ["", f"PGD: {attack_steps} steps × {restarts} restarts on the margin loss, run on the samples box could not prove (a proven sample cannot be attacked). A sample counts as certified "
                   f"only if it is classified correctly and the chain proves it; MILP ran only on samples that the "
                   f"attack could not break and CROWN could not prove, with a {milp_time:g} s limit per sample; "
