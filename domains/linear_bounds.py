@@ -29,6 +29,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from verikit import ir
@@ -49,16 +50,60 @@ def _flat_dot(lam: Tensor, t: Tensor) -> Tensor:
     return torch.bmm(lam.reshape(B, lam.shape[1], -1), t.reshape(B, -1, 1)).squeeze(-1)
 
 
+class Window:
+    """Coefficients (B, m, C, h, w) that are zero outside the spatial window starting at
+    (top, left) of a (C, H, W) node: rows started at nearby neurons of a conv layer touch only
+    their receptive field, so convolutions run on the window instead of the whole map."""
+
+    __slots__ = ("lam", "top", "left")
+
+    def __init__(self, lam: Tensor, top: int, left: int):
+        self.lam, self.top, self.left = lam, top, left
+
+    def region(self, t: Tensor) -> Tensor:
+        """The window's part of a per-sample tensor (B, C, H, W) (or broadcastable)."""
+        if t.dim() < 4 or t.shape[-2] == 1 and t.shape[-1] == 1:
+            return t
+        h, w = self.lam.shape[-2:]
+        return t[..., self.top:self.top + h, self.left:self.left + w]
+
+    def dense(self, shape: tuple) -> Tensor:
+        h, w = self.lam.shape[-2:]
+        H, W = shape[-2:]
+        return F.pad(self.lam, (self.left, W - self.left - w, self.top, H - self.top - h))
+
+    def resized(self, top: int, left: int, h: int, w: int) -> Tensor:
+        """The coefficients placed in a larger window (top, left, h, w) containing this one."""
+        lh, lw = self.lam.shape[-2:]
+        dt, dl = self.top - top, self.left - left
+        return F.pad(self.lam, (dl, w - dl - lw, dt, h - dt - lh))
+
+
+def _accumulate(a, b, shape: tuple):
+    """Sum of two coefficient blocks (dense tensors or Windows) for a node of `shape`."""
+    if a is None:
+        return b
+    if isinstance(a, Window) and isinstance(b, Window):
+        top, left = min(a.top, b.top), min(a.left, b.left)
+        h = max(a.top + a.lam.shape[-2], b.top + b.lam.shape[-2]) - top
+        w = max(a.left + a.lam.shape[-1], b.left + b.lam.shape[-1]) - left
+        return Window(a.resized(top, left, h, w) + b.resized(top, left, h, w), top, left)
+    a = a.dense(shape) if isinstance(a, Window) else a
+    b = b.dense(shape) if isinstance(b, Window) else b
+    return a + b
+
+
 class LinearBoundEngine:
     """Back-substitution over one graph, input box and bound store (the store must already
     hold bounds for every node, e.g. from `propagate_box`)."""
 
     def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
-                 variant: str = "crown", max_rows_per_chunk: int = 4096):
+                 variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True):
         if max_rows_per_chunk < 2:
             raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
         self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
         self.max_rows = int(max_rows_per_chunk)
+        self.windows = bool(spatial_windows)
         self.position = {n.name: i for i, n in enumerate(graph.nodes)}
         inp = store[graph.input_name]
         self.batch = inp.lo.shape[0]
@@ -145,37 +190,79 @@ class LinearBoundEngine:
         grad = torch.nn.functional.pad(padded.reshape(B, m, C, Hp, Wp), tuple(-p for p in rel.pads))
         return (grad,), const
 
+    # ------------------------------------------------------------ windowed rules
+    def _window_backward(self, node: ir.Node, win: Window, alphas: Optional[dict]):
+        """Rules that keep coefficients in a spatial window, or None when the op needs the
+        dense form (everything except Conv2d, BatchNorm and element-wise activations)."""
+        op = node.op
+        B, m = win.lam.shape[:2]
+        if isinstance(op, ir.Conv2d):
+            (sh, sw), (ph, pw), (dh, dw) = op.stride, op.padding, op.dilation
+            _, C_out, h, w = win.lam.shape[1:]
+            g = F.conv_transpose2d(win.lam.reshape(B * m, C_out, h, w), op.weight, None, (sh, sw), 0, 0,
+                                   op.groups, (dh, dw))
+            H, W = self.graph.shapes[node.inputs[0]][-2:]
+            t0, l0 = win.top * sh - ph, win.left * sw - pw  # input position of g's corner
+            r0, r1 = max(t0, 0), min(t0 + g.shape[-2], H)
+            c0, c1 = max(l0, 0), min(l0 + g.shape[-1], W)
+            g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
+            g = Window(g.reshape((B, m) + g.shape[1:]), r0, c0)
+            const = win.lam.sum((-2, -1)) @ op.bias if op.bias is not None else None
+            return (g,), const
+        if isinstance(op, ir.BatchNorm):
+            (g,), _ = self._affine_backward(node, win.lam)  # per-channel scale: same on any window
+            _, shift = self._affine[node.name]
+            return (Window(g, win.top, win.left),), win.lam.sum((-2, -1)) @ shift.reshape(-1)
+        if op.is_activation and (alphas is None or node.name not in alphas):
+            rel: LinearRelaxation = self.relaxation(node)
+            pos, neg = win.lam.clamp(min=0), win.lam.clamp(max=0)
+            cut = lambda t: win.region(t).unsqueeze(1)
+            grad = pos * cut(rel.lower_slope) + neg * cut(rel.upper_slope)
+            const = _flat_dot(pos, win.region(rel.lower_bias)) + _flat_dot(neg, win.region(rel.upper_bias))
+            return (Window(grad, win.top, win.left),), const
+        return None
+
     # ------------------------------------------------------------ back-substitution
-    def lower_bound(self, start: str, lam: Tensor, alphas: Optional[dict] = None) -> Tensor:
+    def lower_bound(self, start: str, lam, alphas: Optional[dict] = None) -> Tensor:
         """min over the input box of <lam[b, i], value_start(x)> for every sample b and row i:
-        a (B, m) tensor. `alphas` maps activation node -> lower slopes (B, m, *shape) that
-        replace the relaxation's free slopes (alpha-CROWN)."""
+        a (B, m) tensor. `lam` is a (B, m, *shape) tensor or a `Window`. `alphas` maps
+        activation node -> lower slopes (B, m, *shape) that replace the relaxation's free
+        slopes (alpha-CROWN)."""
         graph = self.graph
-        const = torch.zeros(lam.shape[:2], device=lam.device, dtype=lam.dtype)
-        if start == graph.input_name:
-            pending = {start: lam}
-        else:
-            pending = {start: lam}
-            for node in reversed(graph.nodes[: self.position[start] + 1]):
-                lam_n = pending.pop(node.name, None)
-                if lam_n is None:
-                    continue
-                if node.op.is_affine:
-                    grads, c = self._affine_backward(node, lam_n)
-                elif node.op.is_activation:
-                    grads, c = self._activation_backward(node, lam_n, None if alphas is None else alphas.get(node.name))
-                elif isinstance(node.op, ir.MaxPool2d):
-                    grads, c = self._maxpool_backward(node, lam_n)
-                else:
-                    raise VerikitError(f"back-substitution has no rule for {node.op.op_type} (node {node.name})")
-                if c is not None:
-                    const = const + c
-                for name, g in zip(node.inputs, grads):
-                    pending[name] = pending[name] + g if name in pending else g
+        first = lam.lam if isinstance(lam, Window) else lam
+        const = torch.zeros(first.shape[:2], device=first.device, dtype=first.dtype)
+        pending = {start: lam}
+        nodes = [] if start == graph.input_name else graph.nodes[: self.position[start] + 1]
+        for node in reversed(nodes):
+            lam_n = pending.pop(node.name, None)
+            if lam_n is None:
+                continue
+            out = None
+            if isinstance(lam_n, Window):
+                out = self._window_backward(node, lam_n, alphas)
+                if out is None:
+                    lam_n = lam_n.dense(self.graph.shapes[node.name])
+            if out is not None:
+                grads, c = out
+            elif node.op.is_affine:
+                grads, c = self._affine_backward(node, lam_n)
+            elif node.op.is_activation:
+                grads, c = self._activation_backward(node, lam_n, None if alphas is None else alphas.get(node.name))
+            elif isinstance(node.op, ir.MaxPool2d):
+                grads, c = self._maxpool_backward(node, lam_n)
+            else:
+                raise VerikitError(f"back-substitution has no rule for {node.op.op_type} (node {node.name})")
+            if c is not None:
+                const = const + c
+            for name, g in zip(node.inputs, grads):
+                pending[name] = _accumulate(pending.get(name), g, self.graph.shapes[name])
         lam_x = pending.pop(graph.input_name, None)
         if lam_x is not None:
             box = self.store[graph.input_name]
-            const = const + _flat_dot(lam_x, box.center) - _flat_dot(lam_x.abs(), box.radius)
+            center, radius = box.center, box.radius
+            if isinstance(lam_x, Window):
+                center, radius, lam_x = lam_x.region(center), lam_x.region(radius), lam_x.lam
+            const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)
         return const
 
     def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,11 +272,14 @@ class LinearBoundEngine:
         n = math.prod(shape)
         B = self.batch
         per_chunk = max(1, self.max_rows // (2 * B))
-        lows, highs = [], []
+        lows, highs, done = [], [], []
         node = self.graph.node(name) if name != self.graph.input_name else None
-        for chunk in rows.split(per_chunk):
+        for chunk in self._chunks(rows, shape, per_chunk):
+            done.append(chunk)
             k = chunk.numel()
-            if node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
+            if self.windows and len(shape) == 3:
+                lb = self.lower_bound(name, self._one_hot_window(chunk, shape))
+            elif node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
                 lb = self._linear_rows(node, chunk)
             else:
                 lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
@@ -200,7 +290,39 @@ class LinearBoundEngine:
             lows.append(lb[:, :k])
             highs.append(-lb[:, k:])
             self.rows_bounded += 2 * k * B
-        return torch.cat(lows, 1), torch.cat(highs, 1)
+        # chunks may visit the rows in another order: put the results back in `rows` order
+        lo = torch.empty(B, n, device=self.device, dtype=self.dtype)
+        hi = torch.empty(B, n, device=self.device, dtype=self.dtype)
+        done = torch.cat(done)
+        lo[:, done], hi[:, done] = torch.cat(lows, 1), torch.cat(highs, 1)
+        return lo[:, rows], hi[:, rows]
+
+    def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
+        """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
+        holding about `per_chunk` neurons), so each chunk's window stays small."""
+        if not (self.windows and len(shape) == 3):
+            return list(rows.split(per_chunk))
+        C, H, W = shape
+        side = max(1, int(math.sqrt(per_chunk / C)))
+        h, w = (rows // W) % H, rows % W
+        tile = (h // side) * ((W + side - 1) // side) + (w // side)
+        order = torch.argsort(tile, stable=True)
+        rows, tile = rows[order], tile[order]
+        _, counts = torch.unique_consecutive(tile, return_counts=True)
+        return [piece for group in rows.split(counts.tolist()) for piece in group.split(per_chunk)]
+
+    def _one_hot_window(self, rows: Tensor, shape: tuple) -> Window:
+        """[+e_rows; -e_rows] as a Window around the rows' positions."""
+        C, H, W = shape
+        k, B = rows.numel(), self.batch
+        c, h, w = rows // (H * W), (rows // W) % H, rows % W
+        top, left = int(h.min()), int(w.min())
+        hh, ww = int(h.max()) - top + 1, int(w.max()) - left + 1
+        lam = torch.zeros(B, 2 * k, C, hh, ww, device=self.device, dtype=self.dtype)
+        ar = torch.arange(k, device=self.device)
+        lam[:, ar, c, h - top, w - left] = 1.0
+        lam[:, ar + k, c, h - top, w - left] = -1.0
+        return Window(lam, top, left)
 
     def _linear_rows(self, node: ir.Node, rows: Tensor) -> Tensor:
         """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
@@ -267,11 +389,11 @@ def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor
 
 
 def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
-            max_rows_per_chunk: int) -> LinearBoundEngine:
+            max_rows_per_chunk: int, spatial_windows: bool = True) -> LinearBoundEngine:
     """Interval bounds first (reusing and tightening `store`), then back-substituted bounds for
     every pre-activation node: the state both DeepPoly and CROWN bound the output from."""
     store = propagate_box(graph, inputs, store, ctx)
-    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk)
+    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows)
     engine.refine_intermediate()
     return engine
 

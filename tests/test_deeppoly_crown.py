@@ -172,6 +172,9 @@ def test_chunking_does_not_change_bounds(graph_name):
     torch.testing.assert_close(small.lower, big.lower, atol=1e-10, rtol=0)
     torch.testing.assert_close(small.upper, big.upper, atol=1e-10, rtol=0)
     assert small.info["rows_bounded"] == big.info["rows_bounded"]
+    dense = make("crown", spatial_windows=False).bound(graph, box)  # conv windows change nothing
+    torch.testing.assert_close(dense.lower, big.lower, atol=1e-10, rtol=0)
+    torch.testing.assert_close(dense.upper, big.upper, atol=1e-10, rtol=0)
 
 
 @pytest.mark.parametrize("label", list(DOMAINS))
