@@ -33,10 +33,24 @@ class AttackResult:
 
 def spec_margin(graph: Graph, x: Tensor, spec: Spec) -> Tensor:
     """Concrete margin per sample; <= 0 iff x violates the spec."""
-    values = spec.values(graph.forward(x))
+    return _margin_of(spec.values(graph.forward(x)), spec)
+
+
+def _margin_of(values: Tensor, spec: Spec) -> Tensor:
     if spec.groups is None:  # every row its own group (robustness): the margin is the smallest row
         return values.min(dim=1).values
     return spec.margin(values)
+
+
+def _loss_of(values: Tensor, spec: Spec) -> Tensor:
+    """What the descent minimises. A group is violated when ALL its rows are <= 0; the margin
+    (max over its rows) moves one row at a time, so for groups of several rows descend on the
+    sum of their positive parts instead (zero exactly when the group is violated)."""
+    if spec.groups is None:
+        return values.min(dim=1).values
+    per_group = [torch.relu(values[:, list(g)]).sum(dim=1) if len(g) > 1 else values[:, g[0]]
+                 for g in spec.group_list]
+    return torch.stack(per_group, dim=1).min(dim=1).values
 
 
 def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: int = 1,
@@ -62,8 +76,9 @@ def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: in
             if not bool(active.any()):
                 return AttackResult(best_x, best_m)
             x = x.detach().requires_grad_(True)
-            m = spec_margin(graph, x, spec)
-            (grad,) = torch.autograd.grad(m.sum(), x)
+            values = spec.values(graph.forward(x))
+            m = _margin_of(values, spec)
+            (grad,) = torch.autograd.grad(_loss_of(values, spec).sum(), x)
             with torch.no_grad():
                 _keep_best(best_x, best_m, x, m)
                 move = step * grad.sign() * active.reshape((-1,) + (1,) * (x.dim() - 1))

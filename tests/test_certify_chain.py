@@ -238,3 +238,18 @@ def test_domains_may_use_autograd_inside_the_chain(fake_domains, tiny):
     out = Chain(model.graph, ChainConfig(domains=["graduser"], attack=False)).run(
         Box.linf_ball(x[:2], 0.1), Spec.robustness(y[:2], 10))
     assert [o.status for o in out] == ["unknown", "unknown"]
+
+
+def test_attack_reaches_a_polytope_that_needs_every_row_at_once():
+    # unsafe iff y_i <= -0.9 for all three i (one group of three rows), y = x on [-1, 1]^3: only
+    # a corner is unsafe. Descending on the group margin (max of the rows) moves one coordinate
+    # per step and needs 12 steps of 0.25; the sum of positive parts moves all three: 4 steps.
+    lin = nn.Linear(3, 3)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3))
+        lin.bias.zero_()
+    g = from_torch(nn.Sequential(lin), (3,))
+    spec = Spec(torch.eye(3), torch.full((3,), -0.9), ((0, 1, 2),))
+    box = Box(-torch.ones(1, 3), torch.ones(1, 3))
+    res = pgd_attack(g, box, spec, steps=10, restarts=1)
+    assert bool(res.found[0]) and bool((res.x <= -0.9).all())
