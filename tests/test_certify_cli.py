@@ -201,3 +201,40 @@ def test_other_bad_inputs(model, tmp_path):
     np.savez(raw, x=np.full((2, 1, 28, 28), 200, np.float32), y=np.zeros(2, np.int64))
     _bad(["certify", model, "--eps", "0.1", "--dataset", raw], "--data-range")
     _bad(["certify", model, "--vnnlib", tmp_path / "none.vnnlib"], "not found")
+
+
+def test_property_model_mismatch_is_bad_input(test_data):
+    from conftest import SHARED
+
+    vnn = os.path.join(SHARED, "vnncomp2021", "mnistfc", "prop_0_0.03.vnnlib")
+    if not os.path.exists(vnn):
+        pytest.skip("shared files missing")
+    _bad(["certify", os.path.join(test_data, "test_nano.onnx"), "--vnnlib", vnn], "784 inputs")
+
+
+def test_third_party_domain_is_usable_from_the_cli(model, tmp_path):
+    import torch
+
+    from verikit.domains import Domain, DomainResult, register_domain
+    from verikit.domains.base import unregister_domain
+
+    @register_domain
+    class Plugin(Domain):
+        name, description = "plugin", "proves samples whose box-domain margin is positive (delegates)"
+
+        def bound(self, graph, inputs, spec=None, store=None, ctx=None):
+            from verikit.domains import get_domain
+
+            return get_domain("box").bound(graph, inputs, spec, store, ctx)
+
+    try:
+        out = tmp_path / "r.jsonl"
+        res = _run("certify", model, "--eps", "0.001", "--num-samples", 5, "--domains", "plugin", "--no-attack",
+                   "-o", out)
+    finally:
+        unregister_domain("plugin")
+    assert res.exit_code == 0, res.output
+    assert "plugin" in res.stdout
+    recs = read_records(str(out))
+    assert any(r["by"] == "plugin" for r in recs)
+    assert all(r["by"] in ("plugin", None) for r in recs)
