@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--models", default="cnn-small,cnn7")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="timed steps per method (default: 20 small, 3 cnn7)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
