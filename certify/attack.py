@@ -54,38 +54,53 @@ def _loss_of(values: Tensor, spec: Spec) -> Tensor:
 
 
 def pgd_attack(graph: Graph, box: Box, spec: Spec, steps: int = 20, restarts: int = 1,
-               step_scale: float = 2.5, seed: int = 0) -> AttackResult:
+               step_scale: float = 2.5, seed: int = 0, max_parallel: int = 4096) -> AttackResult:
     """Projected sign-gradient descent on the spec margin inside `box`.
 
-    The first run starts at the box centre (the clean input for an eps-ball), further restarts
-    at uniform random points. Step size per coordinate = step_scale * radius / steps.
+    The first start is the box centre (the clean input for an eps-ball), the other restarts
+    uniform random points. Restarts run side by side in one batch (up to `max_parallel` rows).
+    Step size per coordinate = step_scale * radius / steps.
     """
     lo, hi = box.lo.detach(), box.hi.detach()
-    spec = spec.to(device=lo.device, dtype=lo.dtype)
-    step = step_scale * (hi - lo) / 2 / max(steps, 1)
+    B = lo.shape[0]
+    spec = spec.to(device=lo.device, dtype=lo.dtype).expand(B)
     with torch.no_grad():
         best_x = ((lo + hi) / 2).clone()
         best_m = spec_margin(graph, best_x, spec)
-    for r in range(max(restarts, 1)):
-        if r == 0:
-            x = (lo + hi) / 2
-        else:
-            x = lo + _uniform_per_sample(lo, hi, seed + r) * (hi - lo)
-        for _ in range(steps):
-            active = best_m > 0
-            if not bool(active.any()):
-                return AttackResult(best_x, best_m)
-            x = x.detach().requires_grad_(True)
-            values = spec.values(graph.forward(x))
-            m = _margin_of(values, spec)
-            (grad,) = torch.autograd.grad(_loss_of(values, spec).sum(), x)
-            with torch.no_grad():
-                _keep_best(best_x, best_m, x, m)
-                move = step * grad.sign() * active.reshape((-1,) + (1,) * (x.dim() - 1))
-                x = torch.minimum(torch.maximum(x - move, lo), hi)
-        with torch.no_grad():
-            _keep_best(best_x, best_m, x, spec_margin(graph, x, spec))
+    restarts = max(restarts, 1)
+    per_round = max(1, min(restarts, max_parallel // max(B, 1)))
+    for first in range(0, restarts, per_round):
+        rs = list(range(first, min(first + per_round, restarts)))
+        if not bool((best_m > 0).any()):
+            break
+        _descend(graph, lo, hi, spec, rs, steps, step_scale, seed, best_x, best_m)
     return AttackResult(best_x, best_m)
+
+
+def _descend(graph, lo, hi, spec, rs, steps, step_scale, seed, best_x, best_m) -> None:
+    """PGD from the starts of restarts `rs` (stacked restart-major along the batch)."""
+    R, B = len(rs), lo.shape[0]
+    tile = lambda t: t.repeat((R,) + (1,) * (t.dim() - 1))
+    starts = [(lo + hi) / 2 if r == 0 else lo + _uniform_per_sample(lo, hi, seed + r) * (hi - lo) for r in rs]
+    x = torch.cat(starts)
+    lo_r, hi_r = tile(lo), tile(hi)
+    spec_r = Spec(tile(spec.C), tile(spec.d), spec.groups)
+    step = step_scale * (hi_r - lo_r) / 2 / max(steps, 1)
+    for k in range(steps + 1):
+        active = best_m > 0
+        if not bool(active.any()):
+            return
+        x = x.detach().requires_grad_(k < steps)
+        values = spec_r.values(graph.forward(x))
+        m = _margin_of(values, spec_r)
+        with torch.no_grad():
+            _keep_best(best_x, best_m, x.detach().reshape((R, B) + x.shape[1:]), m.detach().reshape(R, B))
+        if k == steps:
+            return
+        (grad,) = torch.autograd.grad(_loss_of(values, spec_r).sum(), x)
+        with torch.no_grad():
+            move = step * grad.sign() * tile(active).reshape((-1,) + (1,) * (x.dim() - 1))
+            x = torch.minimum(torch.maximum(x - move, lo_r), hi_r)
 
 
 def _uniform_per_sample(lo: Tensor, hi: Tensor, seed: int) -> Tensor:
@@ -100,8 +115,11 @@ def _uniform_per_sample(lo: Tensor, hi: Tensor, seed: int) -> Tensor:
     return out.to(lo.device)
 
 
-def _keep_best(best_x: Tensor, best_m: Tensor, x: Tensor, m: Tensor) -> None:
+def _keep_best(best_x: Tensor, best_m: Tensor, xs: Tensor, ms: Tensor) -> None:
+    """xs (R, B, ...) and margins ms (R, B): keep, per sample, the lowest margin seen."""
+    m, r = ms.min(dim=0)
     better = m < best_m
     if bool(better.any()):
-        best_x[better] = x[better].detach()
-        best_m[better] = m[better].detach()
+        idx = torch.arange(best_m.shape[0], device=best_m.device)
+        best_x[better] = xs[r, idx][better]
+        best_m[better] = m[better]

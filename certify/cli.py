@@ -48,12 +48,15 @@ def _domain_names(text):
 
 
 def _chain_config(domains, attack, attack_steps, attack_restarts, timeout, alpha_steps, milp_solver, milp_threads,
-                  model):
+                  model, vnn=False):
     from .chain import ChainConfig
 
     if timeout is not None and timeout <= 0:
         raise VerikitError("--timeout must be positive")
     opts = {"alpha_steps": alpha_steps, "solver": milp_solver, "threads": milp_threads}
+    # VNN-LIB boxes are wide and have few inputs: many cheap parallel starts pay off there
+    attack_steps = attack_steps or (100 if vnn else 20)
+    attack_restarts = attack_restarts or (200 if vnn else 2)
     return ChainConfig(domains=domains, domain_options={d: opts for d in domains}, attack=attack,
                        attack_steps=attack_steps, attack_restarts=attack_restarts, timeout=timeout,
                        onnx_path=model.path, onnx_input=model.onnx_input)
@@ -66,8 +69,10 @@ def _chain_options(f):
                           "see `verikit domains`"),
         click.option("--timeout", type=float, default=None, help="seconds per sample / per property"),
         click.option("--attack/--no-attack", default=True, show_default=True, help="run PGD before the domains"),
-        click.option("--attack-steps", type=click.IntRange(1), default=20, show_default=True),
-        click.option("--attack-restarts", type=click.IntRange(1), default=2, show_default=True),
+        click.option("--attack-steps", type=click.IntRange(1), default=None,
+                     help="PGD steps per start (default: 20 on datasets, 100 on VNN-LIB properties)"),
+        click.option("--attack-restarts", type=click.IntRange(1), default=None,
+                     help="PGD starts, run side by side (default: 2 on datasets, 200 on VNN-LIB properties)"),
         click.option("--alpha-steps", type=click.IntRange(0), default=None, help="alpha-CROWN optimisation steps (crown)"),
         click.option("--milp-solver", type=click.Choice(["auto", "highs", "gurobi"]), default=None,
                      help="MILP back-end (milp)"),
@@ -119,7 +124,7 @@ def certify(model, eps, vnnlib_path, result_file, sat_unsat, dataset, split, num
             raise VerikitError("use either --eps or --vnnlib, not both")
         loaded = load_model(model, _floats(mean, "--mean"), _floats(std, "--std"), device)
         cfg = _chain_config(domain_names, attack, attack_steps, attack_restarts, timeout, alpha_steps, milp_solver,
-                            milp_threads, loaded)
+                            milp_threads, loaded, vnn=True)
         return _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json)
     if eps is None:
         raise VerikitError("give --eps (e.g. --eps 0.1) or --vnnlib PROPERTY")
@@ -235,7 +240,7 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, domains, tim
             if max_timeout is not None:
                 limit = min(limit, max_timeout) if limit is not None else max_timeout
             cfg = _chain_config(domain_names, attack, attack_steps, attack_restarts, limit, alpha_steps,
-                                milp_solver, milp_threads, loaded)
+                                milp_solver, milp_threads, loaded, vnn=True)
             try:
                 res = check_property(loaded, load_vnnlib(inst["vnnlib_path"]), cfg)
             except VerikitError as e:  # one broken instance (e.g. a domain that cannot handle it) ends only itself

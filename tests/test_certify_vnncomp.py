@@ -149,3 +149,21 @@ def test_an_instance_a_domain_cannot_handle_is_an_error_row_not_a_crash(tmp_path
         assert r["result"] in ("holds", "error")
         assert r["result"] != "error" or "brokenvnn" in r["note"]
     assert any(r["result"] == "error" for r in rows) and "error on" in res.stderr
+
+
+def test_acasxu_property_2_violations_are_found_by_the_parallel_restarts(tmp_path):
+    out = tmp_path / "r.csv"
+    csv_path = tmp_path / "acas.csv"
+    with open(os.path.join(VNN, "instances.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["benchmark"] == "acasxu" and r["vnnlib"] == "prop_2.vnnlib"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    os.symlink(os.path.join(VNN, "acasxu"), tmp_path / "acasxu")
+    res = _run("vnncomp", csv_path, "-o", out, "--domains", "box")
+    assert res.exit_code == 0, res.output
+    got = _results(out)
+    assert sum(r["expected"] == "violated" for r in got) == 2
+    for r in got:  # both known violations found (and re-checked), the safe instance never called violated
+        assert r["result"] == ("violated" if r["expected"] == "violated" else "unknown")
