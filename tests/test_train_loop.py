@@ -204,3 +204,18 @@ def test_relu_shrinking_is_training_only(tmp_path, tiny_arch):
     assert all(type(n.op).__name__ != "ShrinkReLU" for n in t.graph.nodes)
     loss, _ = t.loss_on_batch(t.xtr[:32], t.ytr[:32], 0.1, 0)
     assert torch.isfinite(loss)
+
+
+def test_running_statistics_update_like_a_train_forward(tmp_path, tiny_arch):
+    import copy
+
+    t = make(tmp_path, tiny_arch)
+    assert t.bn_pairs is not None and len(t.bn_pairs) == 2
+    x, y = t.xtr[:32], t.ytr[:32]
+    reference = copy.deepcopy(t.model).train()
+    for _ in range(2):
+        with torch.no_grad():
+            reference(x)
+        t.loss_on_batch(x, y, 0.1, 0)
+    for (name, buf), ref in zip(t.model.named_buffers(), reference.buffers()):
+        assert torch.allclose(buf.float(), ref.float(), rtol=1e-5, atol=1e-6), name

@@ -43,6 +43,37 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def _batchnorm_pairs(model: nn.Module, graph: ir.Graph):
+    """(graph node key, BN module, values per channel per sample) for every BatchNorm, if each
+    maps to exactly one graph node and uses a momentum: then the batch statistics the graph
+    records can update the running ones, and no separate train-mode forward is needed.
+    None otherwise (the loop then falls back to that forward)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    nodes = [n for n in graph.nodes if isinstance(n.op, ir.BatchNorm)]
+    pairs = []
+    for m in bns:
+        match = [n for n in nodes if n.op.running_mean is m.running_mean]
+        if len(match) != 1 or m.momentum is None or not m.track_running_stats:
+            return None
+        spatial = 1
+        for d in graph.shapes[match[0].name][1:]:
+            spatial *= d
+        pairs.append((match[0].op.key, m, spatial))
+    return pairs
+
+
+@torch.no_grad()
+def _update_running_stats(pairs, ctx: ir.EvalContext, batch: int) -> None:
+    """What a train-mode forward does to BatchNorm's buffers, from the recorded batch statistics
+    (running var is updated with the unbiased variance, as in PyTorch)."""
+    for key, m, spatial in pairs:
+        mean, var = ctx.bn_stats[key]
+        n = batch * spatial  # values per channel
+        m.running_mean.mul_(1 - m.momentum).add_(mean.detach(), alpha=m.momentum)
+        m.running_var.mul_(1 - m.momentum).add_(var.detach() * (n / max(n - 1, 1)), alpha=m.momentum)
+        m.num_batches_tracked.add_(1)
+
+
 class Trainer:
     """Holds the model, its live IR graph, the optimizer and the data of one run."""
 
@@ -71,6 +102,7 @@ class Trainer:
             self.train_graph = with_relu_shrinking(self.graph, self.cfg.relu_shrink)
         self.domain = get_training_domain(self.cfg.domain) if self.cfg.method != "standard" else None
         self.has_bn = _has_batchnorm(self.model)
+        self.bn_pairs = _batchnorm_pairs(self.model, self.train_graph)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
         if data is None:
@@ -100,10 +132,13 @@ class Trainer:
             region = select_region(self.model, x, y, eps, cfg.sabr_lambda, cfg.data_range, gen)
             ctx = None
             if self.has_bn:
-                with torch.no_grad():
-                    self.model(x)  # train-mode forward: updates the running statistics
                 ctx = ir.EvalContext(bn_mode="batch")
                 self.train_graph.forward(x, ctx=ctx)  # records the clean batch's statistics
+                if self.bn_pairs is not None:
+                    _update_running_stats(self.bn_pairs, ctx, x.shape[0])
+                else:
+                    with torch.no_grad():
+                        self.model(x)  # train-mode forward: updates the running statistics
             cl = certified_loss(self.train_graph, self.domain, region, y, self.num_classes, ctx)
             loss = cl.loss
             if self.eps_at.in_ramp(epoch) and cfg.reg_weight > 0 and eps < cfg.eps:
