@@ -6,7 +6,8 @@ re-checked with onnxruntime against the VNN-LIB property (inside the input box, 
 the output condition) before it counts as correct.
 
     python benchmarks/bench_vnncomp.py [--time-limit S] [--solver auto|highs|gurobi]
-        [--tighten off|lp|milp] [--tighten-time S] [--pre crown] [--only acasxu,test] [--max N]
+        [--tighten off|lp|milp] [--tighten-time S] [--pre crown] [--no-attack]
+        [--only acasxu,test] [--max N]
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ def run_instance(root, row, args):
     limit = float(row["timeout_s"]) if args.time_limit is None else args.time_limit
     ans = verify_vnnlib(graph, prop, time_limit=limit, pre=tuple(p for p in args.pre.split(",") if p),
                         solver=args.solver, tighten=args.tighten, tighten_time=args.tighten_time,
-                        threads=args.threads)
+                        threads=args.threads, attack=not args.no_attack)
     cex_ok = None
     if ans.answer == "violated":
         cex_ok = check_counterexample(onnx_path, graph, prop, ans.case, ans.counterexample)
@@ -63,6 +64,7 @@ def main(argv=None):
     p.add_argument("--tighten-time", type=float, default=20.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pre", default="", help="incomplete domains to run first (e.g. crown)")
+    p.add_argument("--no-attack", action="store_true", help="skip the PGD search before the MILP")
     p.add_argument("--only", default="", help="comma-separated benchmark names")
     p.add_argument("--max", type=int, default=0, help="at most this many instances per benchmark")
     args = p.parse_args(argv)
@@ -82,7 +84,7 @@ def main(argv=None):
         picked.append(r)
     counts = dict(solved=0, correct=0, wrong=0, unknown=0)
     total_t = 0.0
-    print(f"{'benchmark':8s} {'onnx':34s} {'vnnlib':22s} {'expected':8s} {'answer':8s} {'time_s':>7s} solver")
+    print(f"{'benchmark':8s} {'onnx':34s} {'vnnlib':22s} {'expected':8s} {'answer':8s} {'time_s':>7s} decided-by solver")
     for r in picked:
         t0 = time.perf_counter()
         ans, cex_ok = run_instance(args.dir, r, args)
@@ -97,7 +99,7 @@ def main(argv=None):
             counts["correct" if right else "wrong"] += 1
             verdict = "" if right else "  <-- WRONG" + (" (counterexample failed re-check)" if cex_ok is False else "")
         print(f"{r['benchmark']:8s} {r['onnx'][:34]:34s} {r['vnnlib'][:22]:22s} {r['expected']:8s} {ans.answer:8s} "
-              f"{dt:7.2f} {','.join(sorted(ans.solvers)) or '-'}{verdict}", flush=True)
+              f"{dt:7.2f} {','.join(sorted(ans.by)) or '-':10s} {','.join(sorted(ans.solvers)) or '-'}{verdict}", flush=True)
     print(f"\n{len(picked)} instances: solved {counts['solved']}, correct {counts['correct']}, "
           f"wrong {counts['wrong']}, unknown {counts['unknown']}; total {total_t:.1f} s")
     return 1 if counts["wrong"] else 0

@@ -2,7 +2,8 @@
 
 The property holds iff every case holds on its box; one confirmed counterexample in any case
 violates it. The time limit covers the whole property; what is left is handed to each case.
-Incomplete domains named in `pre` (e.g. "crown") run first only to tighten the bound store.
+Incomplete domains named in `pre` (e.g. "crown") run first to tighten the bound store (or to
+prove a case outright), and a short PGD search looks for a counterexample before any MILP.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class VnnlibAnswer:
     case: Optional[int] = None  # index of the violated case
     seconds: float = 0.0
     solvers: set = field(default_factory=set)
+    by: set = field(default_factory=set)  # what decided the cases: attack, a `pre` domain, milp
 
 
 def _round(values, dtype, direction: str) -> torch.Tensor:
@@ -56,7 +58,27 @@ def _inside_property_box(graph, case, spec, x: torch.Tensor) -> Optional[torch.T
     return x[0] if confirm_counterexample(graph, spec, x) else None
 
 
-def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), **milp_options) -> VnnlibAnswer:
+def _pgd(graph, box: Box, spec, deadline: float, steps: int = 50, restarts: int = 4, seed: int = 0) -> torch.Tensor:
+    """Inputs (restarts, *shape) in the box that minimise the spec margin (min over groups of
+    max over rows): a cheap search for counterexamples before the MILP."""
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = box.lo.expand((restarts,) + box.lo.shape[1:]), box.hi.expand((restarts,) + box.hi.shape[1:])
+    x = lo + torch.rand(lo.shape, generator=gen, dtype=lo.dtype) * (hi - lo)
+    x[0] = (box.lo[0] + box.hi[0]) / 2
+    spec_r = spec.expand(1).select([0] * restarts) if spec.C.dim() == 3 else spec
+    for k in range(steps):
+        if time.perf_counter() >= deadline:
+            break
+        x = x.detach().requires_grad_(True)
+        margin = spec_r.margin(spec_r.values(graph.forward(x)))
+        (grad,) = torch.autograd.grad(margin.sum(), x)
+        step = (hi - lo) * (0.25 * (1 - k / steps) + 0.01)
+        x = torch.maximum(torch.minimum(x - step * grad.sign(), hi), lo)
+    return x.detach()
+
+
+def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), attack: bool = True,
+                  **milp_options) -> VnnlibAnswer:
     t0 = time.perf_counter()
     out = VnnlibAnswer(HOLDS)
     known = available_domains()
@@ -67,14 +89,27 @@ def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), **milp
             break
         box = case_box(graph, case)
         spec = case.spec.to(dtype=graph.dtype)
+        if attack:
+            found = None
+            # at most a fifth of the time that is left goes to the attack
+            for x in _pgd(graph, case_box(graph, case, inward=True), spec, time.perf_counter() + 0.2 * left):
+                found = _inside_property_box(graph, case, spec, x[None])
+                if found is not None:
+                    break
+            if found is not None:
+                out.answer, out.counterexample, out.case = VIOLATED, found, k
+                out.by.add("attack")
+                break
         store = BoundStore()
         for name in pre:
             if name in known:
                 res = get_domain(name).bound(graph, box, spec, store)
                 if bool(spec.holds_given_lower(res.lower)[0]):
+                    out.by.add(name)
                     break
         else:
             res = get_domain("milp", time_limit=max(left, 1e-3), **milp_options).bound(graph, box, spec, store)
+            out.by.add("milp")
             out.solvers.update(s for s in res.info.get("solver", "").split(",") if s and s != "none")
             cex = None
             if res.status[0] == FALSIFIED:
