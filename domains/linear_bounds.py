@@ -41,6 +41,9 @@ from .relaxations import LinearRelaxation, MaxPoolRelaxation, maxpool_relaxation
 
 # activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
 _PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
+# affine ops where every output depends on one input element: interval bounds stay exact
+_ONE_TO_ONE = (ir.ElementwiseAffine, ir.BatchNorm, ir.Reshape, ir.Transpose, ir.Pad)
+_MIXING = (ir.Linear, ir.Conv2d, ir.AvgPool2d, ir.GlobalAvgPool)
 
 
 def _flat_dot(lam: Tensor, t: Tensor) -> Tensor:
@@ -299,11 +302,11 @@ class LinearBoundEngine:
 
     def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
         """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
-        holding about `per_chunk` neurons), so each chunk's window stays small."""
+        of at most 2x2 positions), so each chunk's window stays small."""
         if not (self.windows and len(shape) == 3):
             return list(rows.split(per_chunk))
         C, H, W = shape
-        side = max(1, int(math.sqrt(per_chunk / C)))
+        side = max(1, min(2, int(math.sqrt(per_chunk / C))))  # small tiles: windows grow per layer
         h, w = (rows // W) % H, rows % W
         tile = (h // side) * ((W + side - 1) // side) + (w // side)
         order = torch.argsort(tile, stable=True)
@@ -366,12 +369,28 @@ class LinearBoundEngine:
                     needed.append(src)
         return sorted(needed, key=self.position.__getitem__)
 
+    def box_is_exact(self, name: str) -> bool:
+        """Is `name` a chain of affine ops from the input with at most one mixing op? Interval
+        bounds are then already the exact range, and back-substitution cannot improve them."""
+        mixing = 0
+        while name != self.graph.input_name:
+            node = self.graph.node(name)
+            if len(node.inputs) != 1 or not isinstance(node.op, _ONE_TO_ONE + _MIXING):
+                return False
+            mixing += isinstance(node.op, _MIXING)
+            if mixing > 1:
+                return False
+            name = node.inputs[0]
+        return True
+
     def refine_intermediate(self) -> None:
         """Bounds for every pre-activation node by back-substitution, in topological order; after
         each, interval bounds downstream are refreshed from the tighter ones (so later layers
         select fewer unstable neurons)."""
         inputs = self.store[self.graph.input_name]
         for name in self.preactivation_nodes():
+            if self.box_is_exact(name):
+                continue
             self.refine_node(name)
             propagate_box(self.graph, inputs, self.store, self.ctx)
 
