@@ -70,7 +70,7 @@ class MilpDomain(Domain):
               ctx=None) -> DomainResult:
         if spec is None:
             raise VerikitError("the milp domain needs a spec (the property to decide)")
-        spec = spec.to(device="cpu", dtype=graph.dtype)
+        spec = spec.to(device=inputs.lo.device, dtype=graph.dtype)
         folded = fold_spec(graph, spec)
         check_supported(folded)
         store = propagate_box(folded, inputs, store, ctx)
