@@ -95,3 +95,28 @@ def test_margin_spec_rows():
     out = torch.tensor([[1.0, 2.0, 5.0, 0.0], [3.0, 1.0, 1.0, 4.0]])
     vals = spec.values(out)
     assert torch.equal(vals, torch.tensor([[4.0, 3.0, 0.0, 5.0], [0.0, 2.0, 2.0, -1.0]]))
+
+
+def test_fused_eval_forward_equals_eval_model():
+    from verikit.models.architectures import Normalize
+    from verikit.train.sabr import fused_eval_forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Normalize(0.1, 0.3), nn.Conv2d(1, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 4, 3, 1, 1, bias=False), nn.BatchNorm2d(4, affine=False), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 14 * 14, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+    net.train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(torch.rand(16, 1, 28, 28))
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 2.0)
+    net.eval()
+    x = torch.rand(5, 1, 28, 28)
+    fused = fused_eval_forward(net)
+    assert fused is not net
+    with torch.no_grad():
+        assert torch.allclose(fused(x), net(x), atol=1e-5)
+    plain = nn.Flatten()
+    assert fused_eval_forward(plain) is plain
