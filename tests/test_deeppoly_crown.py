@@ -226,3 +226,32 @@ def test_float32_graphs_work():
         assert res.lower.dtype == torch.float32
         ys = sampled_outputs(graph, box)
         assert (ys >= res.lower - 1e-5).all() and (ys <= res.upper + 1e-5).all()
+
+
+def test_batch_statistics_context():
+    """BatchNorm in batch mode reuses the statistics a forward pass recorded (never those of
+    the zero input that the engine evaluates ops at)."""
+    graph, shape = bg.graphs()["conv-mix"]
+    box = bg.input_box(torch.Generator().manual_seed(3), shape, batch=4, width=0.2)
+    ctx = ir.EvalContext(bn_mode="batch")
+    graph(box.center, ctx=ctx)  # records the clean batch's statistics
+    stats = {k: tuple(t.clone() for t in v) for k, v in ctx.bn_stats.items()}
+    res = make("crown").bound(graph, box, ctx=ctx)
+    for k, v in ctx.bn_stats.items():
+        assert all(torch.equal(a, b) for a, b in zip(v, stats[k]))
+    xs = box.sample(50, torch.Generator().manual_seed(1))
+    ys = torch.stack([graph(x, ctx=ctx).reshape(4, -1) for x in xs])
+    assert (ys >= res.lower - 1e-9).all() and (ys <= res.upper + 1e-9).all()
+
+
+@pytest.mark.parametrize("label", list(DOMAINS))
+def test_activation_on_the_input(label):
+    gen = torch.Generator().manual_seed(0)
+    b = ir.GraphBuilder("x", (4,), bg.DT)
+    h = b.add("act", ir.ReLU(), ["x"])
+    h = b.add("fc", ir.Linear(torch.randn(3, 4, generator=gen, dtype=bg.DT)), [h])
+    graph = b.build(h)
+    box = bg.input_box(gen, (4,), batch=2, width=1.0)
+    res = make(label).bound(graph, box)
+    ys = sampled_outputs(graph, box)
+    assert (ys >= res.lower - 1e-9).all() and (ys <= res.upper + 1e-9).all()
