@@ -75,8 +75,8 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, ball: Box, eps: float, st
     x_adv = lo + u * (hi - lo)
     best, best_loss = x_adv.clone(), torch.full((x.shape[0],), -float("inf"), dtype=x.dtype, device=x.device)
     step = PGD_STEP_SIZE * eps
-    net = fused_eval_forward(model)
     try:
+        net = fused_eval_forward(model)
         for k in range(steps + 1):
             x_adv = x_adv.detach().requires_grad_(k < steps)
             with torch.set_grad_enabled(k < steps):
