@@ -23,7 +23,7 @@ from verikit.bounds import Box, BoundStore
 from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
-from .base import FALSIFIED, UNKNOWN, VERIFIED, Domain, DomainResult, register_domain
+from .base import FALSIFIED, UNKNOWN, VERIFIED, Domain, DomainResult, available_domains, get_domain, register_domain
 from .box import propagate_box
 from .milp_encoding import Encoding, JacobianCache, MilpModel, check_supported, encode, pad
 from .milp_solvers import HighsBackend, Solver, SolverOptions
@@ -46,6 +46,7 @@ class MilpDomain(Domain):
         "tighten": "off",  # off | lp | milp: per-neuron bounds before the final queries
         "tighten_time": 10.0,  # seconds per sample for tightening
         "exact_bounds": False,  # minimise every row to optimality (exact `lower`), no early stop
+        "bounds_from": "crown",  # incomplete domain run first for intermediate bounds (if registered); "none"
         "input_split": "auto",  # split the input box (branch and bound) when MILPs time out;
                                 # auto: for inputs of at most SPLIT_AUTO_MAX_INPUTS elements
     }
@@ -60,6 +61,8 @@ class MilpDomain(Domain):
         for key in ("time_limit", "tighten_time"):
             if not isinstance(cfg[key], (int, float)) or cfg[key] < 0:
                 raise VerikitError(f"milp option {key} must be a non-negative number of seconds, got {cfg[key]!r}")
+        if cfg["bounds_from"] not in (None, "none", "crown") and cfg["bounds_from"] not in available_domains():
+            raise VerikitError(f"milp option bounds_from names no registered domain: {cfg['bounds_from']!r}")
         if cfg["input_split"] not in ("auto", True, False):
             raise VerikitError(f"milp option input_split must be auto, true or false, got {cfg['input_split']!r}")
         if not isinstance(cfg["threads"], int) or cfg["threads"] < 0:
@@ -73,6 +76,10 @@ class MilpDomain(Domain):
         spec = spec.to(device=inputs.lo.device, dtype=graph.dtype)
         folded = fold_spec(graph, spec)
         check_supported(folded)
+        pre = self.config["bounds_from"]
+        if pre not in (None, "none") and pre in available_domains():
+            with torch.no_grad():  # tighter big-M constants; the store only ever tightens
+                store = get_domain(pre).bound(graph, inputs, spec, store, ctx).store
         store = propagate_box(folded, inputs, store, ctx)
         out = store[folded.output]
         B = inputs.lo.shape[0]
