@@ -87,8 +87,12 @@ class Spec:
         return torch.stack(per_group, dim=1).all(dim=1)
 
     def holds_given_lower(self, lower: Tensor) -> Tensor:
-        """Sound verdict from lower bounds of the rows: True means proven for that sample."""
-        return self._reduce(lower > 0)
+        """Sound verdict from lower bounds of the rows: True means proven for that sample.
+
+        Bounds are computed in floating point without outward rounding, so a lower bound within
+        rounding distance of zero is no proof: it must exceed a small guard (about 100 ulps of
+        float32, relative to 1 + |bound|)."""
+        return self._reduce(lower > float_guard(lower))
 
     def violated_by(self, y: Tensor) -> Tensor:
         """Concrete check: does output y violate the property (some group with all rows <= 0)?"""
@@ -98,6 +102,12 @@ class Spec:
         """A scalar per sample that is > 0 iff the property is proven: min over groups of max over rows."""
         per_group = [lower[:, list(g)].max(dim=1).values for g in self.group_list]
         return torch.stack(per_group, dim=1).min(dim=1).values
+
+
+def float_guard(x: Tensor) -> Tensor:
+    """The margin a bound must clear to count as a proof: rounding slack for x's dtype."""
+    rel = 1e-5 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
+    return rel * (1.0 + x.detach().abs())
 
 
 SPEC_NODE = "__spec__"
