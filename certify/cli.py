@@ -139,7 +139,7 @@ def certify(model, eps, vnnlib_path, result_file, sat_unsat, dataset, split, num
     loaded = load_model(model, _floats(mean, "--mean"), _floats(std, "--std"), device)
     cfg = _chain_config(domain_names, attack, attack_steps, attack_restarts, timeout, alpha_steps, milp_solver,
                         milp_threads, loaded)
-    from .datasets import fit_to_model, load_dataset
+    from verikit.data_sources import fit_to_model, load_dataset
 
     images, labels = load_dataset(dataset, split)
     if start >= len(labels):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from verikit.certify import datasets as ds
+from verikit import data_sources as ds
 from verikit.errors import ShapeError, VerikitError
 
 

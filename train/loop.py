@@ -81,7 +81,7 @@ class Trainer:
         from verikit import from_torch
         from verikit.models.architectures import DATASET_SHAPES, build_model
 
-        from .data import load_dataset
+        from verikit.data_sources import load_dataset
         from .init import ibp_init
 
         self.cfg = cfg.resolved()

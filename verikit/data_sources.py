@@ -1,4 +1,4 @@
-"""Test data for the certifier: MNIST (bundled), Fashion-MNIST and CIFAR-10 (downloaded once
+"""Datasets for certification and training: MNIST (bundled), Fashion-MNIST and CIFAR-10 (downloaded once
 into a cache and checksum-verified), or any `.npz` file.
 
 Cache directory: `$VERIKIT_DATA`, default `~/.cache/verikit/data` (or `$XDG_CACHE_HOME/verikit/data`).
