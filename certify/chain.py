@@ -90,9 +90,11 @@ class Chain:
             if not active:
                 break
             if "time_limit" in cls.options:
-                for i in list(active):
+                for i in list(active):  # one sample at a time, each with its own time budget
                     if self._drop_timed_out(out, [i]):
-                        self._run_domain(name, cls, opts, box, spec, out, [i], None)
+                        # hand over the bounds the earlier domains found (tighter big-M constants)
+                        sub_store = store.select(_positions(store_idx, [i])) if len(store) and i in store_idx else None
+                        self._run_domain(name, cls, opts, box, spec, out, [i], sub_store)
             else:
                 sub_store = store.select(_positions(store_idx, active)) if len(store) else None
                 new_store = self._run_domain(name, cls, opts, box, spec, out, active, sub_store)

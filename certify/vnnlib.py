@@ -249,7 +249,8 @@ def load_vnnlib(path: Union[str, "os.PathLike"]) -> VnnlibProperty:
     if not os.path.exists(path):
         raise SpecError(f"VNN-LIB file not found: {path}")
     try:
-        text = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except UnicodeDecodeError:
         raise SpecError(f"{path}: not a text file") from None
     return parse_vnnlib(text, str(path))

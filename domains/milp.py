@@ -135,8 +135,8 @@ class MilpDomain(Domain):
         # the groups most likely violated first: a counterexample ends the sample early
         groups = sorted(spec.group_list, key=lambda g: out_lo[list(g)].max())
         for g in groups:
-            if out_lo[list(g)].max() > 0:
-                continue  # proven by the bounds already
+            if out_lo[list(g)].max() > PROOF_MARGIN:
+                continue  # proven by the bounds already (with the same rounding slack as the solver)
             if time.perf_counter() >= deadline:
                 status = UNKNOWN
                 break

@@ -61,7 +61,12 @@ class Spec:
         return cls(C, torch.zeros(B, m, dtype=dtype, device=labels.device))
 
     def to(self, device=None, dtype=None) -> "Spec":
-        return Spec(self.C.to(device=device, dtype=dtype), self.d.to(device=device, dtype=dtype), self.groups)
+        d = self.d.to(device=device, dtype=dtype)
+        if dtype is not None and d.dtype != self.d.dtype:
+            # round thresholds up, never down: proving C y > d_rounded must imply C y > d
+            up = torch.nextafter(d, torch.full_like(d, float("inf")))
+            d = torch.where(d.to(self.d.dtype) < self.d.to(d.device), up, d)
+        return Spec(self.C.to(device=device, dtype=dtype), d, self.groups)
 
     def select(self, idx) -> "Spec":
         if self.C.dim() == 2:
