@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
 from . import ir
 from .errors import ModelLoadError, UnsupportedOpsError
+from .onnx_constants import UnsupportedConstantOp, fold_constant, node_attributes
 
 
 @dataclass
@@ -59,10 +59,7 @@ def from_onnx(path_or_model, dtype=torch.float32) -> ir.Graph:
     return _Importer(model, dtype, source).run()
 
 
-def _attrs(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+_attrs = node_attributes
 
 
 class _Importer:
@@ -154,7 +151,10 @@ class _Importer:
         ins = list(node.input)
         present = [i for i in ins if i]
         if all(i in self.consts for i in present) and op != "Shape":
-            self.consts_out(node, _fold_constant(node, [self.consts.get(i) if i else None for i in ins]))
+            try:
+                self.consts_out(node, fold_constant(node, [self.consts.get(i) if i else None for i in ins]))
+            except UnsupportedConstantOp as e:
+                raise _Unsupported(str(e)) from None
             return
         if op == "Shape":
             shape = np.array(self.onnx_shape(self.vars[ins[0]]), dtype=np.int64)
@@ -494,71 +494,3 @@ class _Importer:
         op = ir.MaxPool2d(k, tuple(a.get("strides", [1, 1])), (pads[0], pads[1]), tuple(a.get("dilations", [1, 1])),
                           bool(a.get("ceil_mode", 0)))
         return self._unary(node, op)
-
-
-# ------------------------------------------------------------------ constant folding
-def _fold_constant(node, xs: list[Optional[np.ndarray]]) -> list[np.ndarray]:
-    """Evaluate a node whose inputs are all constants (shape arithmetic, Constant, ...)."""
-    import onnx.numpy_helper as nh
-
-    op, a = node.op_type, _attrs(node)
-    if op == "Constant":
-        if "value" in a:
-            return [nh.to_array(a["value"])]
-        for key in ("value_float", "value_int"):
-            if key in a:
-                return [np.array(a[key])]
-        for key in ("value_floats", "value_ints"):
-            if key in a:
-                return [np.array(list(a[key]))]
-        raise _Unsupported("Constant with an unsupported value kind")
-    x = xs[0]
-    if op in ("Identity", "Dropout"):
-        return [x]
-    if op == "Cast":
-        import onnx
-
-        return [x.astype(onnx.helper.tensor_dtype_to_np_dtype(a["to"]))]
-    if op == "Gather":
-        return [np.take(x, xs[1], axis=a.get("axis", 0))]
-    if op == "Concat":
-        return [np.concatenate([np.atleast_1d(v) for v in xs if v is not None], axis=a["axis"])]
-    if op == "Unsqueeze":
-        axes = [int(v) for v in xs[1]] if len(xs) > 1 and xs[1] is not None else list(a["axes"])
-        out = x
-        for ax in sorted(v % (x.ndim + len(axes)) for v in axes):
-            out = np.expand_dims(out, ax)
-        return [out]
-    if op == "Squeeze":
-        axes = [int(v) for v in xs[1]] if len(xs) > 1 and xs[1] is not None else a.get("axes")
-        return [np.squeeze(x, axis=None if axes is None else tuple(axes))]
-    if op == "Reshape":
-        target = [int(v) for v in xs[1]]
-        target = [x.shape[i] if t == 0 else t for i, t in enumerate(target)]
-        return [x.reshape(target)]
-    if op == "Flatten":
-        axis = a.get("axis", 1)
-        return [x.reshape(int(np.prod(x.shape[:axis])), -1)]
-    if op == "Transpose":
-        return [np.transpose(x, a.get("perm"))]
-    binary = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": None, "MatMul": np.matmul}
-    if op in binary:
-        if op == "Div":
-            return [x // xs[1] if np.issubdtype(x.dtype, np.integer) else x / xs[1]]
-        return [binary[op](x, xs[1])]
-    if op == "Neg":
-        return [-x]
-    if op == "Slice":
-        starts, ends = xs[1], xs[2]
-        axes = xs[3] if len(xs) > 3 and xs[3] is not None else range(len(starts))
-        steps = xs[4] if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
-        sl = [slice(None)] * x.ndim
-        for s, e, ax, st in zip(starts, ends, axes, steps):
-            sl[int(ax)] = slice(int(s), int(e), int(st))
-        return [x[tuple(sl)]]
-    if op == "ConstantOfShape":
-        val = nh.to_array(a["value"]) if "value" in a else np.zeros(1, dtype=np.float32)
-        return [np.full([int(v) for v in x], val.reshape(-1)[0], dtype=val.dtype)]
-    if op == "Range":
-        return [np.arange(xs[0], xs[1], xs[2])]
-    raise _Unsupported("operator not supported on constants")
