@@ -21,7 +21,7 @@ from .base import Domain, DomainResult, register_domain
 def _affine_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
     center = op.forward(*(b.center for b in boxes), ctx=ctx)
     radius = op.abs_linear(*(b.radius for b in boxes), ctx=ctx)
-    return Box(center - radius, center + radius)
+    return Box.from_center_radius(center, radius)
 
 
 def _monotone_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:

@@ -23,7 +23,10 @@ class Box:
 
     @classmethod
     def from_center_radius(cls, center: Tensor, radius: Tensor) -> "Box":
-        return cls(center - radius, center + radius)
+        box = cls(center - radius, center + radius)
+        # keep the centre/radius form: the next affine op needs exactly these (saves 4 kernels)
+        box._center, box._radius = center, radius
+        return box
 
     @classmethod
     def point(cls, x: Tensor) -> "Box":
@@ -47,11 +50,13 @@ class Box:
 
     @property
     def center(self) -> Tensor:
-        return (self.lo + self.hi) / 2
+        c = self.__dict__.get("_center")
+        return c if c is not None else (self.lo + self.hi) / 2
 
     @property
     def radius(self) -> Tensor:
-        return (self.hi - self.lo) / 2
+        r = self.__dict__.get("_radius")
+        return r if r is not None else (self.hi - self.lo) / 2
 
     @property
     def shape(self):
