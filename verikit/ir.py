@@ -137,9 +137,10 @@ class ElementwiseAffine(Op):
         return y if self.shift is None else y + self.shift
 
     def abs_linear(self, r, ctx=None):
-        # broadcasting may enlarge the shape; keep it identical to forward's
         y = r if self.scale is None else r * self.scale.abs()
-        return y if self.shift is None else y + torch.zeros_like(self.shift)
+        if self.shift is not None and torch.broadcast_shapes(y.shape, self.shift.shape) != y.shape:
+            y = y + torch.zeros_like(self.shift)  # the shift enlarges the shape: keep forward's shape
+        return y
 
 
 @dataclass(eq=False)
