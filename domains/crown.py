@@ -70,8 +70,7 @@ class CrownDomain(Domain):
     description = "CROWN linear bounds; alpha_steps>0 optimises ReLU lower slopes (alpha-CROWN)"
     complete = False
     differentiable = False
-    options = {"alpha_steps": 0, "alpha_lr": 0.1, "max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True,
-               "prescreen_depth": 2}
+    options = {"alpha_steps": 0, "alpha_lr": 0.1, "max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -85,7 +84,7 @@ class CrownDomain(Domain):
         folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "crown", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"], int(self.config["prescreen_depth"]))
+                             self.config["spatial_windows"])
             raw_lo, raw_hi = output_bounds(engine)
         info = {"crown_lower": raw_lo, "rows_bounded": engine.rows_bounded}
         if self.config["alpha_steps"] > 0:

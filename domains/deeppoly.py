@@ -23,14 +23,13 @@ class DeepPolyDomain(Domain):
     description = "DeepPoly back-substitution to the input for every layer (ERAN relaxations)"
     complete = False
     differentiable = False
-    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True,
-               "prescreen_depth": 2}
+    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True}
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
         folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "deeppoly", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"], int(self.config["prescreen_depth"]))
+                             self.config["spatial_windows"])
             raw_lo, raw_hi = output_bounds(engine)
         lo, hi = finish(engine, raw_lo, raw_hi)
         info = {"backsub_lower": raw_lo, "rows_bounded": engine.rows_bounded}

@@ -101,18 +101,12 @@ class LinearBoundEngine:
     hold bounds for every node, e.g. from `propagate_box`)."""
 
     def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
-                 variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True,
-                 prescreen_depth: int = 2):
+                 variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True):
         if max_rows_per_chunk < 2:
             raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
         self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
         self.max_rows = int(max_rows_per_chunk)
         self.windows = bool(spatial_windows)
-        # before back-substituting a ReLU input to the network input, back-substitute it only
-        # through the last `prescreen_depth` activation layers (concretising with the stored
-        # bounds there): cheap, and most neurons that interval bounds call unstable turn out
-        # stable already, so only the rest pay for the full back-substitution
-        self.prescreen_depth = int(prescreen_depth)
         self.position = {n.name: i for i, n in enumerate(graph.nodes)}
         inp = store[graph.input_name]
         self.batch = inp.lo.shape[0]
@@ -232,12 +226,11 @@ class LinearBoundEngine:
         return None
 
     # ------------------------------------------------------------ back-substitution
-    def lower_bound(self, start: str, lam, alphas: Optional[dict] = None, cut: int = -1) -> Tensor:
+    def lower_bound(self, start: str, lam, alphas: Optional[dict] = None) -> Tensor:
         """min over the input box of <lam[b, i], value_start(x)> for every sample b and row i:
         a (B, m) tensor. `lam` is a (B, m, *shape) tensor or a `Window`. `alphas` maps
         activation node -> lower slopes (B, m, *shape) that replace the relaxation's free
-        slopes (alpha-CROWN). With `cut` >= 0, coefficients reaching a node at a position <= cut
-        are concretised with that node's stored bounds instead of being propagated further."""
+        slopes (alpha-CROWN)."""
         graph = self.graph
         first = lam.lam if isinstance(lam, Window) else lam
         const = torch.zeros(first.shape[:2], device=first.device, dtype=first.dtype)
@@ -246,9 +239,6 @@ class LinearBoundEngine:
         for node in reversed(nodes):
             lam_n = pending.pop(node.name, None)
             if lam_n is None:
-                continue
-            if self.position[node.name] <= cut:
-                const = self._concretise(const, lam_n, self.store[node.name])
                 continue
             out = None
             if isinstance(lam_n, Window):
@@ -271,18 +261,14 @@ class LinearBoundEngine:
                 pending[name] = _accumulate(pending.get(name), g, self.graph.shapes[name])
         lam_x = pending.pop(graph.input_name, None)
         if lam_x is not None:
-            const = self._concretise(const, lam_x, self.store[graph.input_name])
+            box = self.store[graph.input_name]
+            center, radius = box.center, box.radius
+            if isinstance(lam_x, Window):
+                center, radius, lam_x = lam_x.region(center), lam_x.region(radius), lam_x.lam
+            const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)
         return const
 
-    @staticmethod
-    def _concretise(const: Tensor, lam, box: Box) -> Tensor:
-        """const + min over the box of <lam, x>: (B, m)."""
-        center, radius = box.center, box.radius
-        if isinstance(lam, Window):
-            center, radius, lam = lam.region(center), lam.region(radius), lam.lam
-        return const + _flat_dot(lam, center) - _flat_dot(lam.abs(), radius)
-
-    def bound_rows(self, name: str, rows: Tensor, cut: int = -1) -> tuple[Tensor, Tensor]:
+    def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,
         in chunks of at most `max_rows_per_chunk` rows over the whole batch."""
         shape = tuple(self.graph.shapes[name])
@@ -295,15 +281,15 @@ class LinearBoundEngine:
             done.append(chunk)
             k = chunk.numel()
             if self.windows and len(shape) == 3:
-                lb = self.lower_bound(name, self._one_hot_window(chunk, shape), cut=cut)
+                lb = self.lower_bound(name, self._one_hot_window(chunk, shape))
             elif node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
-                lb = self._linear_rows(node, chunk, cut)
+                lb = self._linear_rows(node, chunk)
             else:
                 lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
                 ar = torch.arange(k, device=self.device)
                 lam[:, ar, chunk] = 1.0
                 lam[:, ar + k, chunk] = -1.0
-                lb = self.lower_bound(name, lam.reshape((B, 2 * k) + shape), cut=cut)
+                lb = self.lower_bound(name, lam.reshape((B, 2 * k) + shape))
             lows.append(lb[:, :k])
             highs.append(-lb[:, k:])
             self.rows_bounded += 2 * k * B
@@ -341,14 +327,14 @@ class LinearBoundEngine:
         lam[:, ar + k, c, h - top, w - left] = -1.0
         return Window(lam, top, left)
 
-    def _linear_rows(self, node: ir.Node, rows: Tensor, cut: int = -1) -> Tensor:
+    def _linear_rows(self, node: ir.Node, rows: Tensor) -> Tensor:
         """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
         product: the coefficients on its input are just the selected weight rows."""
         w, b = node.op.weight, node.op.bias
         B = self.batch
         w = w[..., rows, :] if w.dim() == 3 else w[rows].expand(B, -1, -1)
         lam = torch.cat([w, -w], 1)
-        lb = self.lower_bound(node.inputs[0], lam, cut=cut)
+        lb = self.lower_bound(node.inputs[0], lam)
         if b is not None:
             b = b[..., rows].expand(B, -1)
             lb = lb + torch.cat([b, -b], 1)
@@ -366,31 +352,12 @@ class LinearBoundEngine:
             rows = torch.arange(lo.shape[1], device=lo.device)
         if rows.numel() == 0:
             return box
+        new_lo, new_hi = self.bound_rows(name, rows)
         lo, hi = lo.clone(), hi.clone()
-        cut = self._prescreen_cut(name) if all(isinstance(op, _PIECEWISE_LINEAR) for op in users) else -1
-        if cut >= 0:  # stable neurons need no better bounds: their relaxation is exact already
-            new_lo, new_hi = self.bound_rows(name, rows, cut)
-            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
-            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
-            rows = rows[((lo[:, rows] < 0) & (hi[:, rows] > 0)).any(0)]
-        if rows.numel():
-            new_lo, new_hi = self.bound_rows(name, rows)
-            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
-            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+        lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+        hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
         self.nodes_refined += 1
         return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
-
-    def _prescreen_cut(self, name: str) -> int:
-        """Position of the `prescreen_depth`-th activation before `name` (-1: none, or off)."""
-        if self.prescreen_depth <= 0:
-            return -1
-        seen = 0
-        for node in reversed(self.graph.nodes[: self.position[name]]):
-            if not node.op.is_affine:
-                seen += 1
-                if seen == self.prescreen_depth:
-                    return self.position[node.name]
-        return -1
 
     def preactivation_nodes(self) -> list[str]:
         """Nodes (in topological order) whose bounds some non-linear op's relaxation needs."""
@@ -441,11 +408,11 @@ def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor
 
 
 def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
-            max_rows_per_chunk: int, spatial_windows: bool = True, prescreen_depth: int = 2) -> LinearBoundEngine:
+            max_rows_per_chunk: int, spatial_windows: bool = True) -> LinearBoundEngine:
     """Interval bounds first (reusing and tightening `store`), then back-substituted bounds for
     every pre-activation node: the state both DeepPoly and CROWN bound the output from."""
     store = propagate_box(graph, inputs, store, ctx)
-    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows, prescreen_depth)
+    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows)
     engine.refine_intermediate()
     return engine
 
