@@ -24,16 +24,14 @@ class LoadedModel:
 
 def resolve_model_path(model: str) -> str:
     """A path, or the name of a model shipped with verikit (`verikit models`)."""
+    from verikit.models.zoo import shipped_model_path
+
     if os.path.exists(model):
         return model
-    try:
-        from verikit.models.zoo import shipped_model_path
-    except ImportError:
-        shipped_model_path = None
-    found = shipped_model_path(model) if shipped_model_path is not None else None
+    found = shipped_model_path(model)
     if found:
-        return str(found)
-    raise ModelLoadError(f"model not found: {model} (neither a file nor a shipped model name)")
+        return found
+    raise ModelLoadError(f"model file not found: {model} (neither a file nor a shipped model name; see `verikit models`)")
 
 
 def load_model(model: str, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,

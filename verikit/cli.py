@@ -73,7 +73,9 @@ def info(model, check, samples, show_graph):
     from .onnx_check import compare_with_onnxruntime
     from .onnx_import import from_onnx, load_onnx_model
 
-    path = _resolve_model_path(model)
+    from verikit.certify.model import resolve_model_path
+
+    path = resolve_model_path(model)
     proto = load_onnx_model(path)
     graph = from_onnx(proto)
     graph.source = path
@@ -100,19 +102,6 @@ def info(model, check, samples, show_graph):
                    f"max relative error {rep.max_rel_error:.2e}" + (f" (at {worst[0]})" if worst else ""))
         if rep.max_rel_error > 1e-4:
             raise VerikitError(f"import disagrees with onnxruntime (relative error {rep.max_rel_error:.2e})")
-
-
-def _resolve_model_path(model: str) -> str:
-    """A path, or the name of a model shipped with verikit (see `verikit models`)."""
-    import os
-
-    if os.path.exists(model):
-        return model
-    try:
-        from verikit.models.zoo import shipped_model_path
-    except ImportError:
-        return model
-    return shipped_model_path(model) or model
 
 
 if __name__ == "__main__":
