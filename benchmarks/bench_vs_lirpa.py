@@ -244,6 +244,9 @@ class LirpaRunner:
         return out
 
     def prepare(self, x, y, eps, method, variant="default", **bound_opts):
+        if method == "alpha-crown":  # 0.3's sparse alphas crash on some nets (a shape mismatch in
+            # reconstruct_full_alpha); dense alphas are the same optimisation problem
+            bound_opts.setdefault("sparse_features_alpha", False)
         lm = self.module(x.shape[0], **bound_opts)
         lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         bx = self.BoundedTensor(x, self.Ptb(norm=self.np.inf, eps=eps, x_L=lo, x_U=hi))
@@ -278,6 +281,8 @@ LIRPA_VARIANTS = {"ibp": {"auto_LiRPA": "default"},
 
 
 class _null:
+    gb = 0.0
+
     def __enter__(self):
         return self
 
@@ -296,23 +301,38 @@ def robustness_C(y):
     return C
 
 
-def measure(runners: dict, repeats: int):
+def measure(runners: dict, repeats: int, budget: float):
     """Median seconds and peak memory of each runner's call. The libraries take turns call by
-    call (load from other processes hits both alike); one warm-up call each is not timed; memory
-    is taken in one extra call per library."""
-    times = {k: [] for k in runners}
-    out = {k: f() for k, f in runners.items()}  # warm-up
-    for _ in range(repeats):
-        for k, f in runners.items():
-            t0 = time.perf_counter()
+    call (load from other processes hits both alike); one warm-up call each is not timed. Fewer
+    than `repeats` calls are made when they would take more than `budget` seconds (at least
+    one). Memory is taken in one extra call, or around the last timed call of a slow runner."""
+    out, errors, warm = {}, {}, {}
+    for k, f in list(runners.items()):  # warm-up; a runner that fails is reported and dropped
+        t0 = time.perf_counter()
+        try:
             out[k] = f()
-            times[k].append(time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001  (a library's internal error must not end the benchmark)
+            errors[k] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            del runners[k]
+        warm[k] = time.perf_counter() - t0
+    n = max(1, min(repeats, int(budget / max(sum(warm.values()), 1e-9))))
+    times = {k: [] for k in runners}
     mem = {}
+    for i in range(n):
+        for k, f in runners.items():
+            last_slow = i == n - 1 and warm[k] > 1.0
+            with PeakRSS() if last_slow else _null() as p:
+                t0 = time.perf_counter()
+                out[k] = f()
+                times[k].append(time.perf_counter() - t0)
+            if last_slow:
+                mem[k] = p.gb
     for k, f in runners.items():
-        with PeakRSS() as p:
-            f()
-        mem[k] = p.gb
-    return {k: statistics.median(v) for k, v in times.items()}, mem, out
+        if k not in mem:
+            with PeakRSS() as p:
+                f()
+            mem[k] = p.gb
+    return {k: statistics.median(v) for k, v in times.items()}, mem, out, errors, n
 
 
 def compare(v: torch.Tensor, a: torch.Tensor) -> tuple[float, str]:
@@ -361,6 +381,8 @@ def main():
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--repeats", type=int, default=None,
                    help="timed calls per library (default: 15 on the MLPs, 7 on the small CNNs, 1 on CNN7)")
+    p.add_argument("--budget", type=float, default=60.0,
+                   help="seconds of timed calls per (net, batch, method) row; fewer repeats when they would take longer")
     p.add_argument("--alpha-steps", type=int, default=20)
     p.add_argument("--alpha-lr", type=float, default=0.1, help="Adam step of alpha-CROWN, the same for both libraries")
     p.add_argument("--threads", type=int, default=1)
@@ -423,12 +445,17 @@ def main():
                     variants = LIRPA_VARIANTS[method] if net_name != "cnn7" else dict(list(LIRPA_VARIANTS[method].items())[:1])
                     for label, variant in variants.items():
                         makers[label] = lambda xs, ys, m=method, v=variant: lirpa.prepare(xs, ys, eps, m, v)
-                t, mem, out = measure({k: make(x, y) for k, make in makers.items()}, repeats)
-                row = {"net": net_name, "batch": batch, "method": method, "eps": eps, "t": t, "mem": mem,
+                t, mem, out, errors, n = measure({k: make(x, y) for k, make in makers.items()}, repeats, args.budget)
+                if "verikit" not in out:
+                    print(f"{net_name} batch {batch} {method}: verikit failed: {errors['verikit']}")
+                    continue
+                for k in errors:
+                    makers.pop(k)
+                row = {"net": net_name, "batch": batch, "method": method, "eps": eps, "t": t, "mem": mem, "errors": errors,
                        "margin": {k: worst_margin(v) for k, v in out.items()},
                        "cmp": {k: compare(out["verikit"], v) for k, v in out.items() if k != "verikit"}}
                 rows.append(row)
-                print_row(row, repeats)
+                print_row(row, n)
                 if batch > 1 and method == "crown" and not args.no_evidence and net_name != "cnn7":
                     for line in batch_evidence(makers, x, y, eps, method, out, lirpa):
                         print(line, flush=True)
@@ -450,6 +477,8 @@ def print_row(r, repeats):
             line += (f"  speed x{r['t'][k] / v:6.2f}  memory x{_ratio(r['mem'][k], r['mem']['verikit'])}"
                      f"  verikit vs this: {verdict} (max rel. diff {diff:.1e})")
         print(line, flush=True)
+    for k, e in r["errors"].items():
+        print(f"    {k:26s} failed: {e}", flush=True)
 
 
 def _ratio(a, b):
@@ -469,6 +498,8 @@ def print_summary(rows):
             diff, verdict = r["cmp"][k]
             line += (f"  | {k}: {r['t'][k]:.4f} s {r['mem'][k]:.2f} GB x{r['t'][k] / r['t']['verikit']:.2f} "
                      f"mem x{_ratio(r['mem'][k], r['mem']['verikit']).strip()} {verdict} ({diff:.0e})")
+        for k in r["errors"]:
+            line += f"  | {k}: failed"
         print(line)
 
 
