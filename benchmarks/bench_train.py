@@ -1,8 +1,11 @@
 """Seconds per training step for standard, PGD (λ=0), IBP (λ=1) and SABR (λ=0.4) training on
 the same model and batch, printed as ratios to a standard step measured in the same run.
 
-Targets (DESIGN.md): a SABR step at most ~8× a plain step on CNN7 (the reference SABR code
-takes 12× on this machine), IBP ~3.6× or better.
+Targets (issue 15): a SABR step at most 7× a plain step on CNN7 at batch 128 (the reference SABR
+code takes 12× on this machine), IBP ~3.6× or better; the peak memory of an IBP and of a SABR
+step at most 1.5 GB above that of a plain step (the reference code: 3.7-4.0 GB in total). Peak
+memory is the resident set's peak during one step above its level before the step, measured in
+this process after the timed rounds.
 
     python benchmarks/bench_train.py                       # cnn-small and cnn7, batch 128
     python benchmarks/bench_train.py --models cnn7 --steps 3 --threads 2
@@ -10,9 +13,14 @@ takes 12× on this machine), IBP ~3.6× or better.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peak_memory import PeakRSS  # noqa: E402
 
 
 def make_trainer(model_name: str, kind: str, lam: float, x, y):
@@ -38,7 +46,12 @@ def time_methods(model_name: str, batch: int, rounds: int) -> dict:
             tr.step(x, y, 0.1, 1, torch.Generator().manual_seed(1))
             if r > 0:  # round 0 warms up
                 best[kind] = min(best[kind], time.perf_counter() - t0)
-    return best
+    peak = {}
+    for kind, tr in trainers.items():
+        with PeakRSS() as p:
+            tr.step(x, y, 0.1, 1, torch.Generator().manual_seed(1))
+        peak[kind] = p.gb
+    return best, peak
 
 
 METHODS = (("standard", 0.0), ("pgd", 0.0), ("ibp", 1.0), ("sabr", 0.4))
@@ -83,9 +96,10 @@ def main():
         t_fwd, t_box = forward_and_box(name, args.batch, max(3, steps))
         print(f"\n{name}: forward {t_fwd * 1e3:.1f} ms, box pass {t_box * 1e3:.1f} ms "
               f"({t_box / t_fwd:.2f}x a forward; target <= ~2x)")
-        best = time_methods(name, args.batch, steps)
+        best, peak = time_methods(name, args.batch, steps)
         for kind, t in best.items():
-            print(f"  {kind:<8} {t:8.3f} s/step  {t / best['standard']:5.2f}x standard (min of {steps} rounds)", flush=True)
+            print(f"  {kind:<8} {t:8.3f} s/step  {t / best['standard']:5.2f}x standard (min of {steps} rounds)   "
+                  f"peak memory {peak[kind]:5.2f} GB ({peak[kind] - peak['standard']:+.2f} GB vs standard)", flush=True)
 
 
 if __name__ == "__main__":

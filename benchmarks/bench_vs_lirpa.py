@@ -28,17 +28,17 @@ library's batched bounds are from its own per-sample bounds (the batch-size evid
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
-import threading
 import time
 
 import torch
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from peak_memory import PeakRSS  # noqa: E402
 MLP_ONNX = os.path.join(HERE, "..", "..", "shared", "vnncomp2021", "mnistfc", "mnist-net_256x2.onnx")
 SHIM_DIR = os.path.join(HERE, "..", "..", "shared", "tools")
 NETS = ("mlp256x2", "mlp256x4", "mlp9x200", "cnn-avgpool", "oval21-cifar", "cnn7")
@@ -125,7 +125,6 @@ def build_net(name: str, cache: str):
         elif name == "cnn-avgpool":
             net, eps = _train_mnist(_cnn_avgpool(), 300, cache, name), 0.02
         elif name == "cnn7":
-            sys.path.insert(0, HERE)
             from bench_domains import trained_cnn7
 
             net, eps = trained_cnn7(cache, 60), 0.002
@@ -140,44 +139,6 @@ def build_net(name: str, cache: str):
 
 
 # ------------------------------------------------------------------------------------ measuring
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond by a thread
-    (torch kernels release the GIL). Free heap memory is handed back to the OS first so that the
-    entry level is what is really in use."""
-
-    def __init__(self):
-        try:
-            self._libc = ctypes.CDLL("libc.so.6")
-        except OSError:
-            self._libc = None
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self._page
-
-    def __enter__(self):
-        if self._libc is not None:
-            self._libc.malloc_trim(0)
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-
-        def sample():
-            while not self._stop.is_set():
-                self.peak = max(self.peak, self._rss())
-                time.sleep(0.001)
-
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-        self.gb = (self.peak - self.base) / 1e9
-
-
 class VerikitRunner:
     name = "verikit"
 

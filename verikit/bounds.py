@@ -23,10 +23,14 @@ class Box:
 
     @classmethod
     def from_center_radius(cls, center: Tensor, radius: Tensor) -> "Box":
-        box = cls(center - radius, center + radius)
-        # keep the centre/radius form: the next affine op needs exactly these (saves 4 kernels)
-        box._center, box._radius = center, radius
-        return box
+        """A box kept in centre/radius form: the next affine op needs exactly these, and
+        lo = c - r, hi = c + r are only formed when something reads them (an affine op that
+        follows another never does)."""
+        if center.shape != radius.shape:  # broadcasting: form lo/hi now, as they define the shape
+            box = cls(center - radius, center + radius)
+            box._center, box._radius = center, radius
+            return box
+        return _CenterRadiusBox(center, radius)
 
     @classmethod
     def point(cls, x: Tensor) -> "Box":
@@ -51,12 +55,16 @@ class Box:
     @property
     def center(self) -> Tensor:
         c = self.__dict__.get("_center")
-        return c if c is not None else (self.lo + self.hi) / 2
+        if c is None:  # computed once; halving in place is exact and saves an allocation
+            c = self.__dict__["_center"] = torch.add(self.lo, self.hi).div_(2)
+        return c
 
     @property
     def radius(self) -> Tensor:
         r = self.__dict__.get("_radius")
-        return r if r is not None else (self.hi - self.lo) / 2
+        if r is None:
+            r = self.__dict__["_radius"] = torch.sub(self.hi, self.lo).div_(2)
+        return r
 
     @property
     def shape(self):
@@ -87,6 +95,28 @@ class Box:
 
     def __getitem__(self, idx) -> "Box":
         return Box(self.lo[idx], self.hi[idx])
+
+
+class _CenterRadiusBox(Box):
+    """A `Box` built from centre and radius; lo and hi are computed on first access (and then
+    kept), with the same arithmetic as an eager c - r, c + r."""
+
+    def __init__(self, center: Tensor, radius: Tensor):  # no dataclass __init__: lo/hi are lazy
+        self._center, self._radius = center, radius
+
+    def __getattr__(self, name):  # only called for attributes not set yet: lo, hi
+        if name == "lo":
+            value = self._center - self._radius
+        elif name == "hi":
+            value = self._center + self._radius
+        else:
+            raise AttributeError(name)
+        self.__dict__[name] = value
+        return value
+
+    @property
+    def shape(self):
+        return self._center.shape
 
 
 class BoundStore:

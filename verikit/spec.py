@@ -176,6 +176,21 @@ class FoldedSpecLinear(Linear):
         y = z @ self.C.transpose(-1, -2) if self.C.dim() == 2 else torch.einsum("bmn,bn->bm", self.C, z)
         return y - self.d
 
+    def abs_linear(self, r, ctx=None):
+        # |C W| r. Per-sample specs usually repeat a few matrices (robustness: one per label):
+        # without autograd, bound with each distinct matrix once and pick each sample's rows
+        # (the same products; the per-sample path stays for training, which must not change)
+        if self.C.dim() == 3 and not (torch.is_grad_enabled() and any(
+                t.requires_grad for t in (r, self.C, self.inner_weight))):
+            groups = distinct_matrices(self.C)
+            if groups is not None:
+                uniq, index = groups
+                k, m = uniq.shape[:2]
+                rows = (uniq @ self.inner_weight).abs().reshape(k * m, -1)  # (k*m, n_in)
+                per_matrix = (r @ rows.T).reshape(r.shape[0], k, m)
+                return per_matrix.gather(1, index.view(-1, 1, 1).expand(-1, 1, m)).squeeze(1)
+        return super().abs_linear(r, ctx)
+
     def tensors(self):
         yield from (("inner_weight", self.inner_weight), ("C", self.C), ("d", self.d))
         if self.inner_bias is not None:
@@ -187,3 +202,29 @@ class FoldedSpecLinear(Linear):
 
     def describe(self) -> str:
         return f"Linear(spec-folded, weight={tuple(self.weight.shape)})"
+
+
+MAX_DISTINCT = 32  # above this many distinct spec matrices, the per-sample product is cheaper
+
+
+def distinct_matrices(C: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(the distinct matrices (k, m, n), each sample's index (B,)) of per-sample matrices C
+    (B, m, n), when there are at most MAX_DISTINCT of them and fewer than B; else None.
+
+    Samples are grouped by a fingerprint (a fixed random projection) and the grouping is then
+    checked exactly, so a fingerprint collision (or a NaN) only means None, never a wrong row."""
+    B = C.shape[0]
+    if B < 2:
+        return None
+    flat = C.reshape(B, -1)
+    probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
+    keys, index = torch.unique(flat.double() @ probe.to(flat.device), return_inverse=True)
+    k = keys.shape[0]
+    if k > MAX_DISTINCT or k >= B:
+        return None
+    first = torch.full((k,), B, dtype=torch.long, device=C.device).scatter_reduce_(
+        0, index, torch.arange(B, device=C.device), "amin")
+    uniq = flat[first]
+    if not torch.equal(uniq[index], flat):
+        return None
+    return uniq.reshape((k,) + tuple(C.shape[1:])), index
