@@ -20,6 +20,9 @@ from verikit.models import architectures
 from verikit.train.config import TrainConfig
 from verikit.train.loop import Trainer
 
+# the kernels torch dispatches to (and so the rounding) depend on the CPU's vector extensions:
+# the fingerprints hold for the capability they were recorded on
+RECORDED_ON = "AVX512"
 EXPECTED = {
     "cnn-small-sabr": "efa5d95eb2fd4e9599f55d33d7566b9e0c927bdf21b0535d23c2229191d9aca4",
     "tiny-bn-ibp": "94cbd4c7c1e338834c8f061cb2a1c57cdc6ccf911af4ff9989b2a9e6a3d57713",
@@ -74,6 +77,8 @@ def fingerprint(case: str) -> str:
             del architectures.ARCHITECTURES[model]
 
 
+@pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != RECORDED_ON,
+                    reason=f"fingerprints were recorded on a {RECORDED_ON} CPU; regenerate them from the old commit here")
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_training_steps_are_bit_identical_to_before(case):
     assert fingerprint(case) == EXPECTED[case]
