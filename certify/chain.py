@@ -26,6 +26,8 @@ from verikit.errors import VerikitError
 from verikit.ir import Graph
 from verikit.spec import Spec
 
+from verikit.domains.base import check_domain_result
+
 from .attack import pgd_attack
 
 VERIFIED, FALSIFIED, UNKNOWN, MISCLASSIFIED = "verified", "falsified", "unknown", "misclassified"
@@ -74,19 +76,32 @@ class Chain:
             self.stages.append((name, cls, opts))
 
     # ------------------------------------------------------------------ public
-    def run(self, box: Box, spec: Spec) -> list[Outcome]:
+    def run(self, box: Box, spec: Spec, on_outcome: Optional[Callable[[int, Outcome], None]] = None) -> list[Outcome]:
+        """One Outcome per sample. `on_outcome(i, outcome)` is called once per sample as soon as
+        its outcome is final (not at the end of the batch), so callers can save it at once."""
         B = box.lo.shape[0]
         dtype = self.graph.dtype
         box = box.to(device=self.graph.device, dtype=dtype)
         spec = spec.to(device=self.graph.device, dtype=dtype).expand(B)
         out = [Outcome() for _ in range(B)]
+        reported: set = set()
+
+        def report(idx, still_active=()):
+            for i in idx:
+                if i not in reported and i not in still_active and on_outcome is not None:
+                    reported.add(i)
+                    on_outcome(i, out[i])
+
         active = list(range(B))
         if self.config.attack and B:
             active = self._attack(box, spec, out, active)
+            report(range(B), set(active))
         store = BoundStore()
         store_idx = list(range(B))  # which samples the rows of `store` belong to
-        for name, cls, opts in self.stages:
-            active = self._drop_timed_out(out, active)
+        for k, (name, cls, opts) in enumerate(self.stages):
+            last = k == len(self.stages) - 1
+            before, active = active, self._drop_timed_out(out, active)
+            report(before, set(active))
             if not active:
                 break
             if "time_limit" in cls.options:
@@ -95,13 +110,18 @@ class Chain:
                         # hand over the bounds the earlier domains found (tighter big-M constants)
                         sub_store = store.select(_positions(store_idx, [i])) if len(store) and i in store_idx else None
                         self._run_domain(name, cls, opts, box, spec, out, [i], sub_store)
+                    if last or out[i].status != UNKNOWN:
+                        self._drop_timed_out(out, [i])
+                        report([i])
             else:
                 sub_store = store.select(_positions(store_idx, active)) if len(store) else None
                 new_store = self._run_domain(name, cls, opts, box, spec, out, active, sub_store)
                 if new_store is not None:
                     store, store_idx = new_store, list(active)
-            active = [i for i in active if out[i].status == UNKNOWN]
+            before, active = active, [i for i in active if out[i].status == UNKNOWN]
+            report(before, set(active))
         self._drop_timed_out(out, active)  # over budget after the last stage: say so
+        report(range(B))
         return out
 
     # ------------------------------------------------------------------ stages
@@ -132,6 +152,7 @@ class Chain:
         try:
             domain = cls(**opts)  # (no torch.no_grad here: domains may use autograd internally)
             res = domain.bound(self.graph, box[idx], sub_spec, store=store)
+            res = check_domain_result(cls, res, sub_spec, len(idx))  # plug-ins: shapes, unbacked "verified"
         except (KeyboardInterrupt, MemoryError):
             raise
         except VerikitError as e:

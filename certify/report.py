@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from verikit.progress import plural
+
 from .eps import format_eps
 from .records import eps_key
 
@@ -52,7 +54,8 @@ def summarize(records: Sequence[dict], stages: Sequence[str]) -> list[dict]:
 def format_summary(summary: list[dict]) -> str:
     lines = []
     for s in summary:
-        lines.append(f"eps = {format_eps(s['eps'])} ({s['eps']:.6g}): {s['samples']} samples, "
+        label, exact = format_eps(s["eps"]), f"{s['eps']:.6g}"
+        lines.append(f"eps = {label}{'' if label == exact else f' ({exact})'}: {plural(s['samples'], 'sample')}, "
                      f"{s['correct']} correctly classified ({100 * s['clean_accuracy']:.1f}%)")
         lines.append(f"  {'stage':<10} {'verified':>8} {'cert.acc (cum.)':>16} {'falsified':>9} {'time [s]':>9}")
         for r in s["stages"]:
@@ -100,11 +103,23 @@ def plot_sweep(summary: list[dict], path: str, title: str = "") -> None:
             ":", color="gray", label="upper bound (not falsified)")
     ax.set_xlabel("eps (L-inf)")
     ax.set_ylabel("accuracy [%]")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-3, 103)  # points at 0 % and 100 % stay visible
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # below the axes, where it cannot hide a curve
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save_figure(fig, path, dpi=120)
     plt.close(fig)
+
+
+def _save_figure(fig, path: str, dpi: int) -> None:
+    """Atomically: a run killed while saving leaves no half-written image."""
+    import os
+
+    from verikit.outputs import atomic_write
+
+    fmt = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="jpeg" if fmt == "jpg" else fmt, dpi=dpi, bbox_inches="tight")

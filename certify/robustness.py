@@ -20,26 +20,31 @@ from .records import RecordWriter
 def certify_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
                     eps_list: Sequence[float], config: ChainConfig, writer: RecordWriter,
                     data_range=(0.0, 1.0), batch_size: int = 32,
-                    on_done: Optional[Callable[[int], None]] = None) -> None:
+                    on_done: Optional[Callable[[Optional[dict]], None]] = None) -> None:
     """Certify images[indices] at every eps; records go to `writer` (samples it already holds
-    are skipped). `on_done(k)` is called after k more samples finished (progress bar)."""
+    are skipped) one by one as each sample finishes, so an interrupted batch keeps its finished
+    samples. `on_done(record)` follows every written record (progress), `on_done(None)` every
+    skipped sample."""
     validate_samples(model, images, labels, indices, data_range)
     graph = model.graph
     num_classes = math.prod(graph.output_shape)
     chain = Chain(graph, config)
     dtype, device = graph.dtype, graph.device
+
+    def emit(rec):
+        writer.write(rec)
+        if on_done:
+            on_done(rec)
+
     for eps in eps_list:
         todo = [i for i in indices if not writer.is_done(eps, i)]
-        skipped = len(indices) - len(todo)
-        if skipped and on_done:
-            on_done(skipped)
+        if on_done:
+            for _ in range(len(indices) - len(todo)):
+                on_done(None)
         for s in range(0, len(todo), batch_size):
             batch = todo[s:s + batch_size]
-            recs = _certify_batch(chain, model, images[batch].to(device, dtype), labels[batch], batch, eps,
-                                  num_classes, data_range)
-            writer.write_all(recs)
-            if on_done:
-                on_done(len(batch))
+            _certify_batch(chain, model, images[batch].to(device, dtype), labels[batch], batch, eps,
+                           num_classes, data_range, emit)
 
 
 def validate_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int],
@@ -58,26 +63,30 @@ def validate_samples(model: LoadedModel, images: torch.Tensor, labels: torch.Ten
                            f"--data-range [{lo:g}, {hi:g}] (is the data normalised? use --mean/--std instead)")
 
 
-def _certify_batch(chain: Chain, model: LoadedModel, x, y, batch, eps, num_classes, data_range) -> list[dict]:
+def _certify_batch(chain: Chain, model: LoadedModel, x, y, batch, eps, num_classes, data_range,
+                   emit: Callable[[dict], None]) -> None:
     t0 = time.perf_counter()
     with torch.no_grad():
         pred = model.graph.forward(x).reshape(x.shape[0], -1).argmax(dim=1).cpu()
     correct = [k for k in range(len(batch)) if int(pred[k]) == int(y[k])]
     clf_time = (time.perf_counter() - t0) / len(batch)
-    outcomes = {}
-    if correct:
-        box = Box.linf_ball(x[correct], eps, data_range)
-        spec = Spec.robustness(y[correct], num_classes, dtype=x.dtype)
-        outcomes = dict(zip(correct, chain.run(box, spec)))
-    recs = []
-    for k, idx in enumerate(batch):
-        rec = {"model": model.path, "index": int(idx), "eps": float(eps), "label": int(y[k]),
-               "prediction": int(pred[k])}
-        if k in outcomes:
-            o = outcomes[k]
-            rec.update(status=o.status, by=o.by, margin=o.margin, note=o.note,
-                       times={s: round(t, 6) for s, t in o.times.items()}, time=round(clf_time + o.seconds, 6))
-        else:
-            rec.update(status=MISCLASSIFIED, by=None, margin=None, note="", times={}, time=round(clf_time, 6))
-        recs.append(rec)
-    return recs
+
+    def record(k: int) -> dict:
+        return {"model": model.path, "index": int(batch[k]), "eps": float(eps), "label": int(y[k]),
+                "prediction": int(pred[k])}
+
+    for k in range(len(batch)):
+        if k not in correct:  # final already: written before the chain starts on the others
+            emit({**record(k), "status": MISCLASSIFIED, "by": None, "margin": None, "note": "", "times": {},
+                  "time": round(clf_time, 6)})
+    if not correct:
+        return
+
+    def finished(j: int, o) -> None:
+        k = correct[j]
+        emit({**record(k), "status": o.status, "by": o.by, "margin": o.margin, "note": o.note,
+              "times": {s: round(t, 6) for s, t in o.times.items()}, "time": round(clf_time + o.seconds, 6)})
+
+    box = Box.linf_ball(x[correct], eps, data_range)
+    spec = Spec.robustness(y[correct], num_classes, dtype=x.dtype)
+    chain.run(box, spec, on_outcome=finished)

@@ -49,6 +49,47 @@ class DomainResult:
         return spec.holds_given_lower(self.lower).cpu()
 
 
+def check_domain_result(cls: type, result, spec: Optional[Spec], batch: int) -> "DomainResult":
+    """What a domain (plug-ins included) returned, checked before the chain trusts it.
+
+    Wrong types or shapes are a VerikitError naming the domain and what was expected, instead
+    of an IndexError deep inside the chain. A "verified" status from an incomplete domain that
+    its own lower bound does not back is downgraded to "unknown" (with a warning): only a
+    complete domain may prove what its bounds cannot show (e.g. a MILP over a disjunction).
+    """
+    import warnings
+
+    name = getattr(cls, "name", "?")
+    if not isinstance(result, DomainResult):
+        raise VerikitError(f"domain {name!r} returned {type(result).__name__}, not a DomainResult")
+    rows = spec.C.shape[-2] if spec is not None else None
+    want = f"({batch}, {rows})" if rows is not None else f"({batch}, outputs)"
+    for what, t in (("lower", result.lower), ("upper", result.upper)):
+        if t is None and what == "upper":
+            continue
+        if not isinstance(t, Tensor):
+            raise VerikitError(f"domain {name!r}: result.{what} must be a tensor of shape {want}, "
+                               f"got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] != batch or (rows is not None and t.shape[1] != rows):
+            raise VerikitError(f"domain {name!r}: result.{what} has shape {tuple(t.shape)}, expected {want} "
+                               "(one row per sample, one column per spec row)")
+    for what, seq in (("status", result.status), ("counterexamples", result.counterexamples)):
+        if seq is not None and (not isinstance(seq, (list, tuple)) or len(seq) != batch):
+            raise VerikitError(f"domain {name!r}: result.{what} must be a list with one entry per sample ({batch})")
+    if result.status is not None:
+        bad = sorted({str(v) for v in result.status} - {VERIFIED, FALSIFIED, UNKNOWN})
+        if bad:
+            raise VerikitError(f"domain {name!r}: result.status holds {', '.join(bad)}; use verified, falsified, unknown")
+        if not getattr(cls, "complete", False) and spec is not None:
+            backed = spec.holds_given_lower(result.lower.detach()).cpu()
+            claims = [k for k, v in enumerate(result.status) if v == VERIFIED and not bool(backed[k])]
+            if claims:
+                warnings.warn(f"domain {name!r} (not complete) said verified for {len(claims)} sample(s) its lower "
+                              "bound does not prove; treated as unknown", RuntimeWarning, stacklevel=2)
+                result.status = [UNKNOWN if k in claims else v for k, v in enumerate(result.status)]
+    return result
+
+
 class Domain(ABC):
     """Base class of all bound domains.
 
@@ -126,8 +167,9 @@ def _load_builtins_and_entry_points() -> None:
     for mod in filter(None, (m.strip() for m in os.environ.get("VERIKIT_PLUGINS", "").split(","))):
         try:
             importlib.import_module(mod)
-        except ImportError as e:
-            raise VerikitError(f"cannot import plug-in module {mod!r} from VERIKIT_PLUGINS: {e}") from None
+        except Exception as e:  # a syntax error or a crash in the plug-in is bad input too, not a traceback
+            what = str(e) if isinstance(e, ImportError) else f"{type(e).__name__}: {e}"
+            raise VerikitError(f"cannot import plug-in module {mod!r} from VERIKIT_PLUGINS: {what}") from None
 
     for ep in entry_points(group="verikit.domains"):
         try:

@@ -9,6 +9,10 @@ with objective <= `stop_below` is found (a candidate counterexample).
 
 Gurobi's pip licence refuses models over 2000 variables/constraints (error 10010); `solve`
 then falls back to HiGHS and warns once per process.
+
+Ctrl-C and SIGTERM end a solve within a fraction of a second and propagate as
+KeyboardInterrupt / Terminated (never as a "timed out" answer): HiGHS runs in a helper thread
+while the main thread waits and can react, Gurobi is stopped with `terminate()`.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from verikit.errors import SolverError
+from verikit.interrupts import deferred_signals
 
 OPTIMAL, INFEASIBLE, TIME_LIMIT, STOPPED = "optimal", "infeasible", "time_limit", "stopped"
 
@@ -77,6 +82,23 @@ def _new_highs():
     h.setOptionValue("output_flag", False)
     return h
 
+
+def _run_highs(h) -> None:
+    """h.run(), but interruptible: a plain run() holds Ctrl-C until the solve ends (minutes).
+    The solve runs in highspy's helper thread; on KeyboardInterrupt (or Terminated) in the
+    waiting main thread it is cancelled, awaited (milliseconds) and the interrupt re-raised."""
+    h.HandleUserInterrupt = True
+    h.startSolve()
+    try:
+        while not h.wait(0.05)[0]:
+            pass
+    except KeyboardInterrupt:
+        h.cancelSolve()
+        while not h.wait(0.05)[0]:
+            pass
+        raise
+
+
 class HighsBackend:
     name = "highs"
 
@@ -125,7 +147,7 @@ class HighsBackend:
                 if (stop_above is not None and dual > stop_above) or (stop_below is not None and primal <= stop_below):
                     e.interrupt()
             h.cbMipInterrupt.subscribe(interrupt)
-        h.run()
+        _run_highs(h)
         st = h.getModelStatus()
         info = h.getInfo()
         MS = highspy.HighsModelStatus
@@ -169,7 +191,7 @@ class HighsBackend:
             # share what is left fairly between the remaining solves
             h.setOptionValue("time_limit", max(left / (len(objectives) - k) if is_mip else left, 1e-3))
             h.changeColsCost(n, idx, np.asarray(c, dtype=np.float64))
-            h.run()
+            _run_highs(h)
             st, info = h.getModelStatus(), h.getInfo()
             if st == highspy.HighsModelStatus.kOptimal:
                 v = float(info.mip_dual_bound) if is_mip else float(info.objective_function_value)
@@ -244,13 +266,15 @@ class GurobiBackend:
                 if stop_below is not None:
                     m.Params.BestObjStop = stop_below - offset
             try:
-                m.optimize()
+                _optimize_interruptible(m)
             except gp.GurobiError as e:
                 if e.errno == 10010:
                     _note_refusal(size)
                     raise LicenceRefused() from e
                 raise SolverError(f"gurobi failed: {e}") from e
             st = m.Status
+            if st == GRB.INTERRUPTED:  # Gurobi's own Ctrl-C handler ended the solve
+                raise KeyboardInterrupt()
             sol, obj = None, math.inf
             if m.SolCount > 0:
                 sol, obj = np.array(x.X, dtype=np.float64), float(m.ObjVal)
@@ -269,6 +293,31 @@ class GurobiBackend:
             return _with_offset(SolveResult(status, obj, bound, sol, self.name, time.perf_counter() - t0), offset)
         finally:
             m.dispose()
+
+
+def _optimize_interruptible(m) -> None:
+    """m.optimize() that ends promptly on SIGINT/SIGTERM. Gurobi catches Ctrl-C itself (the
+    status becomes INTERRUPTED) and prints a notice on file descriptor 1, which would land in
+    the CLI's results, so stdout is pointed at /dev/null for the call. SIGTERM reaches Python
+    only while Python code runs, hence the (empty) callback; the handler then terminates the
+    solve and `deferred_signals` raises once it has returned."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        with deferred_signals(m.terminate):
+            m.optimize(_no_op_callback)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _no_op_callback(model, where) -> None:
+    pass
 
 
 def _note_refusal(size: int) -> None:

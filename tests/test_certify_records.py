@@ -34,7 +34,7 @@ def test_resume_refuses_another_models_results_and_non_records(tmp_path):
         w.write({**_rec(0, 0.1, "unknown"), "model": "a.onnx"})
     with pytest.raises(VerikitError, match="another model"):
         RecordWriter(str(path), resume=True, model="b.onnx")
-    path.write_text('{"index": 0, "eps": 0.1}\nnot json\n{"index": 1, "eps": 0.1}\n')
+    path.write_text(json.dumps(_rec(0, 0.1, "unknown")) + '\nnot json\n' + json.dumps(_rec(1, 0.1, "unknown")) + "\n")
     with pytest.raises(VerikitError, match=":2:"):
         read_records(str(path))
 

@@ -157,13 +157,13 @@ def test_third_party_differentiable_domain_trains(tmp_path, tiny_arch):
 @pytest.mark.parametrize("args, message", [
     (["--sabr-lambda", "1.5"], "--sabr-lambda must lie in [0, 1]"),
     (["--sabr-lambda", "-0.1"], "--sabr-lambda must lie in [0, 1]"),
-    (["--eps", "-0.1"], "--eps must be >= 0"),
+    (["--eps", "-0.1"], "bad --eps value '-0.1': must be >= 0"),
     (["--model", "resnet999"], "unknown model 'resnet999'"),
     (["--domain", "nosuchdomain"], "unknown domain 'nosuchdomain'"),
     (["--domain", "notdiff"], "is not differentiable"),
     (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
-    (["--epochs", "0"], "--epochs must be >= 1"),
-    (["--resume", "/nonexistent/run"], "no checkpoint.pt"),
+    (["--epochs", "0"], "--epochs must be an integer >= 1"),
+    (["--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such run directory"),
 ])
 def test_bad_flags_exit_2(args, message):
     @register_domain

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -13,6 +14,22 @@ DEFAULT_LAMBDA = 0.4
 METHODS = ("sabr", "standard")
 # the paper's MNIST schedule: 70 epochs, 1 warm-up, ε ramp over 20, lr ×0.2 after 50 and 60
 PAPER_EPOCHS, PAPER_RAMP, PAPER_MILESTONES = 70, 20, (50, 60)
+
+
+def scaled_milestones(epochs: int) -> tuple:
+    """The paper's milestones (50, 60 of 70) scaled to `epochs`, kept distinct (two decays on
+    one epoch would cut the learning rate 25x at once) and dropped if past the last epoch."""
+    out: list = []
+    for m in PAPER_MILESTONES:
+        v = max(1, round(epochs * m / PAPER_EPOCHS), out[-1] + 1 if out else 1)
+        if v < epochs:
+            out.append(v)
+    return tuple(out)
+
+
+def _at_least(value, low: int, name: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise VerikitError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
 
 
 def paper_lambda(dataset: str, eps: float) -> float:
@@ -60,17 +77,31 @@ class TrainConfig:
             raise VerikitError(f"unknown dataset {c.dataset!r}; available: {', '.join(DATASET_SHAPES)}")
         if c.model not in ARCHITECTURES:
             raise VerikitError(f"unknown model {c.model!r}; available: {', '.join(ARCHITECTURES)}")
+        c.data_range = tuple(float(v) for v in c.data_range)
         if not c.eps >= 0:
             raise VerikitError(f"--eps must be >= 0, got {c.eps}")
+        width = c.data_range[1] - c.data_range[0]
+        if c.eps > width:
+            raise VerikitError(f"--eps {c.eps:g} is wider than the data range [{c.data_range[0]:g}, "
+                               f"{c.data_range[1]:g}] (inputs are pixels in [0, 1]; e.g. --eps 0.1 or 8/255)")
         if c.sabr_lambda is None:
             c.sabr_lambda = paper_lambda(c.dataset, c.eps)
         if not 0.0 <= c.sabr_lambda <= 1.0:
             raise VerikitError(f"--sabr-lambda must lie in [0, 1], got {c.sabr_lambda}")
-        for name in ("epochs", "batch_size"):
-            if getattr(c, name) < 1:
-                raise VerikitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(c, name)}")
-        if not c.lr > 0:
+        for name in ("epochs", "batch_size", "eval_samples"):
+            _at_least(getattr(c, name), 1, name)
+        if c.train_samples is not None:
+            _at_least(c.train_samples, 1, "train_samples")
+        _at_least(c.warmup_epochs, 0, "warmup_epochs")
+        if c.ramp_epochs is not None:
+            _at_least(c.ramp_epochs, 0, "ramp_epochs")
+        _at_least(c.seed, 0, "seed")
+        if not (c.lr > 0 and math.isfinite(c.lr)):
             raise VerikitError(f"--lr must be > 0, got {c.lr}")
+        for name in ("reg_weight", "l1", "grad_clip"):
+            v = getattr(c, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise VerikitError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         if not 0 < c.relu_shrink <= 1:
             raise VerikitError(f"--relu-shrink must lie in (0, 1], got {c.relu_shrink}")
         if c.relu_shrink < 1 and c.domain != "box":
@@ -78,10 +109,11 @@ class TrainConfig:
         if c.ramp_epochs is None:
             c.ramp_epochs = max(1, round(c.epochs * PAPER_RAMP / PAPER_EPOCHS))
         if c.lr_milestones is None:
-            c.lr_milestones = tuple(max(1, round(c.epochs * m / PAPER_EPOCHS)) for m in PAPER_MILESTONES)
+            c.lr_milestones = scaled_milestones(c.epochs)
         c.lr_milestones = tuple(int(m) for m in c.lr_milestones)
+        if any(m < 1 for m in c.lr_milestones):
+            raise VerikitError(f"--lr-milestones must be epochs >= 1, got {','.join(map(str, c.lr_milestones))}")
         c.warmup_epochs = max(0, min(c.warmup_epochs, c.epochs - 1))
-        c.data_range = tuple(c.data_range)
         if c.device not in ("auto", "cpu", "cuda"):
             raise VerikitError(f"--device must be auto, cpu or cuda, got {c.device!r}")
         if c.method != "standard":
@@ -89,6 +121,24 @@ class TrainConfig:
 
             get_training_domain(c.domain)  # unknown or non-differentiable: a clear error now
         return c
+
+    def schedule_warnings(self) -> list:
+        """Settings that are legal but rarely what anyone wants (a resolved config)."""
+        out = []
+        ms = list(self.lr_milestones or ())
+        twice = sorted({m for m in ms if ms.count(m) > 1})
+        if twice:
+            out.append(f"--lr-milestones: epoch {', '.join(map(str, twice))} is given more than once; the learning "
+                       f"rate drops by {self.lr_decay}^k there")
+        late = [m for m in ms if m >= self.epochs]
+        if late:
+            out.append(f"--lr-milestones {','.join(map(str, late))} lie at or after the last epoch "
+                       f"({self.epochs}) and have no effect")
+        if self.method != "standard" and self.eps > 0 and self.epochs - self.warmup_epochs < 4:
+            out.append(f"only {self.epochs - self.warmup_epochs} epoch(s) after the warm-up: certified training "
+                       "needs a gradual eps ramp, and a model trained this briefly may collapse to a constant "
+                       "classifier. For a quick smoke run use --method standard or a small --eps (see README)")
+        return out
 
     @property
     def kind(self) -> str:

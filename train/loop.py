@@ -4,13 +4,19 @@ metrics CSV, a checkpoint every epoch (model, optimizer, RNG), exact resume, plo
 Determinism: the batch order and the attack's random starts of epoch e come from generators
 seeded with (seed, e), so a run resumed from the checkpoint of epoch e repeats exactly what an
 uninterrupted run does from there.
+
+Interruptions: Ctrl-C / SIGTERM during a step abandon that step and restore what it had
+changed so far (random generators, BatchNorm buffers; the weights and the optimizer change
+only in the update, which runs with signals deferred), then a mid-epoch checkpoint is saved,
+so even a run stopped in its first epoch resumes bit-identically. A checkpoint is also saved
+every `checkpoint_minutes` of training (so SIGKILL loses at most that much) and after every
+epoch.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-import sys
 import time
 from typing import Callable, Optional
 
@@ -20,6 +26,9 @@ import torch.nn.functional as F
 
 from verikit import ir
 from verikit.errors import VerikitError
+from verikit.interrupts import deferred_signals
+from verikit.outputs import atomic_write
+from verikit.progress import Progress
 
 from .config import TrainConfig
 from .losses import certified_loss, get_training_domain, l1_penalty, warmup_regularizer
@@ -29,6 +38,7 @@ from .schedule import EpsSchedule, lr_at
 METRIC_FIELDS = ["epoch", "method", "eps", "lambda", "lr", "loss", "train_cert_acc", "test_acc", "pgd_acc",
                  "box_cert_acc", "time_s"]
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = ("config.json", "metrics.csv", CHECKPOINT, "curves.png", "model.onnx")
 
 
 def pick_device(name: str) -> torch.device:
@@ -118,6 +128,8 @@ class Trainer:
         self.eps_at = EpsSchedule(self.cfg.eps, self.cfg.warmup_epochs, self.cfg.ramp_epochs, self.steps_per_epoch)
         self.epoch = 0  # epochs completed
         self.metrics: list[dict] = []
+        self.partial: Optional[dict] = None  # progress inside epoch `self.epoch` (mid-epoch checkpoint)
+        self.checkpoint_seconds = 600.0  # mid-epoch checkpoint interval during an epoch (0: off)
 
     # ---- one step -------------------------------------------------------------------------
     def loss_on_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float, epoch: int,
@@ -151,18 +163,38 @@ class Trainer:
         return loss, cert
 
     def step(self, x, y, eps, epoch, gen=None) -> tuple[float, float]:
+        loss, cert = self._loss_and_gradients(x, y, eps, epoch, gen)
+        self._update()
+        return loss, cert
+
+    def _loss_and_gradients(self, x, y, eps, epoch, gen=None) -> tuple[float, float]:
         loss, cert = self.loss_on_batch(x, y, eps, epoch, gen)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        return float(loss.detach()), cert
+
+    def _update(self) -> None:
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.opt.step()
-        return float(loss.detach()), cert
 
     # ---- epochs ---------------------------------------------------------------------------
     def _generators(self, epoch: int):
         base = (self.cfg.seed + 1) * 100_003 + epoch
         return torch.Generator().manual_seed(base), torch.Generator().manual_seed(base + 50_000_017)
+
+    def _undo_state(self, gen: torch.Generator) -> dict:
+        """What a step changes before its update: the random generators and BatchNorm buffers."""
+        return {"gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                "buffers": {k: v.detach().clone() for k, v in self.model.named_buffers()}}
+
+    def _undo(self, state: dict, gen: torch.Generator) -> None:
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        with torch.no_grad():
+            for k, v in self.model.named_buffers():
+                v.copy_(state["buffers"][k])
+        self.opt.zero_grad(set_to_none=True)
 
     def run_epoch(self, progress: bool = True) -> dict:
         from .evaluate import evaluate
@@ -173,46 +205,80 @@ class Trainer:
             g["lr"] = lr
         shuffle_gen, attack_gen = self._generators(e)
         order = torch.randperm(self.xtr.shape[0], generator=shuffle_gen)
-        t0 = time.perf_counter()
-        tot_loss = tot_cert = 0.0
-        n_cert = 0
-        bar = _progress(self.steps_per_epoch, f"epoch {e + 1}/{cfg.epochs}", progress)
-        for s in range(self.steps_per_epoch):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x, y = self.xtr[idx].to(self.device), self.ytr[idx].to(self.device)
-            eps = self.eps_at(e, s)
-            loss, cert = self.step(x, y, eps, e, attack_gen)
-            tot_loss += loss
-            if cert == cert:
-                tot_cert += cert
-                n_cert += 1
-            bar.update(1, f"loss {tot_loss / (s + 1):.4f} eps {eps:.4f}")
-        bar.close()
+        part = self.partial or {"step": 0, "loss": 0.0, "cert": 0.0, "n_cert": 0, "seconds": 0.0}
+        if self.partial is not None:
+            attack_gen.set_state(self.partial["gen"])
+        self.partial = None
+        start, tot_loss, tot_cert, n_cert = part["step"], part["loss"], part["cert"], part["n_cert"]
+        t0 = time.perf_counter() - part["seconds"]
+        last_save = time.perf_counter()
+
+        def keep(step: int) -> None:  # a mid-epoch checkpoint: resume continues at `step`
+            self.partial = {"step": step, "loss": tot_loss, "cert": tot_cert, "n_cert": n_cert,
+                            "seconds": time.perf_counter() - t0, "gen": attack_gen.get_state()}
+            self.save_checkpoint()
+
+        with Progress(self.steps_per_epoch, f"epoch {e + 1}/{cfg.epochs}", unit="steps", enabled=progress) as bar:
+            bar.update(start)
+            for s in range(start, self.steps_per_epoch):
+                undo = self._undo_state(attack_gen)
+                try:
+                    idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                    x, y = self.xtr[idx].to(self.device), self.ytr[idx].to(self.device)
+                    eps = self.eps_at(e, s)
+                    loss, cert = self._loss_and_gradients(x, y, eps, e, attack_gen)
+                except KeyboardInterrupt:
+                    self._undo(undo, attack_gen)  # as if step s had not started
+                    keep(s)
+                    raise
+                try:
+                    with deferred_signals(lambda: None):  # the update is never cut in half
+                        self._update()
+                        tot_loss += loss
+                        if cert == cert:
+                            tot_cert += cert
+                            n_cert += 1
+                except KeyboardInterrupt:
+                    keep(s + 1)
+                    raise
+                bar.update(1, f"loss {tot_loss / (s + 1):.4f} eps {eps:.4f}")
+                if self.checkpoint_seconds and time.perf_counter() - last_save >= self.checkpoint_seconds \
+                        and s + 1 < self.steps_per_epoch:
+                    keep(s + 1)
+                    last_save = time.perf_counter()
         train_time = time.perf_counter() - t0
-        ev = evaluate(self.model, self.graph, self.xte, self.yte, cfg.eps, self.num_classes,
-                      seed=cfg.seed, data_range=cfg.data_range)
+        try:
+            ev = evaluate(self.model, self.graph, self.xte, self.yte, cfg.eps, self.num_classes,
+                          seed=cfg.seed, data_range=cfg.data_range)
+        except KeyboardInterrupt:
+            keep(self.steps_per_epoch)  # every step done; resume re-runs only the evaluation
+            raise
         row = {"epoch": e + 1, "method": cfg.kind, "eps": self.eps_at(e, self.steps_per_epoch - 1),
                "lambda": cfg.sabr_lambda, "lr": lr, "loss": tot_loss / self.steps_per_epoch,
                "train_cert_acc": tot_cert / n_cert if n_cert else float("nan"), **ev, "time_s": train_time}
-        self.metrics.append(row)
-        self.epoch += 1
+        with deferred_signals(lambda: None):  # the finished epoch is recorded whole, or not at all
+            self.metrics.append(row)
+            self.epoch += 1
+            self.log(f"epoch {row['epoch']}: loss {row['loss']:.4f}  eps {row['eps']:.4f}  clean "
+                     f"{row['test_acc']:.3f}  pgd {row['pgd_acc']:.3f}  box-cert {row['box_cert_acc']:.3f}  "
+                     f"({row['time_s']:.0f} s)")
+            self.write_metrics()
+            self.save_checkpoint()
         return row
 
     def fit(self, progress: bool = True) -> list[dict]:
+        """Train until `cfg.epochs` epochs are done, saving metrics and a checkpoint after each."""
         os.makedirs(self.out_dir, exist_ok=True)
-        with open(os.path.join(self.out_dir, "config.json"), "w") as f:
+        with atomic_write(os.path.join(self.out_dir, "config.json")) as f:
             json.dump(self.cfg.to_dict(), f, indent=2)
         while self.epoch < self.cfg.epochs:
-            row = self.run_epoch(progress)
-            self.log(f"epoch {row['epoch']}: loss {row['loss']:.4f}  eps {row['eps']:.4f}  clean {row['test_acc']:.3f}  "
-                     f"pgd {row['pgd_acc']:.3f}  box-cert {row['box_cert_acc']:.3f}  ({row['time_s']:.0f} s)")
-            self.write_metrics()
-            self.save_checkpoint()
+            self.run_epoch(progress)
         return self.metrics
 
     # ---- persistence ----------------------------------------------------------------------
     def write_metrics(self) -> None:
-        with open(os.path.join(self.out_dir, "metrics.csv"), "w", newline="") as f:
+        os.makedirs(self.out_dir, exist_ok=True)
+        with atomic_write(os.path.join(self.out_dir, "metrics.csv"), newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
             w.writeheader()
             for r in self.metrics:
@@ -220,50 +286,44 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         state = {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                 "config": self.cfg.to_dict(), "metrics": self.metrics, "torch_rng": torch.get_rng_state()}
+                 "config": self.cfg.to_dict(), "metrics": self.metrics, "torch_rng": torch.get_rng_state(),
+                 "partial": self.partial}
+        os.makedirs(self.out_dir, exist_ok=True)
         tmp = os.path.join(self.out_dir, CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, os.path.join(self.out_dir, CHECKPOINT))  # never a half-written checkpoint
+        with deferred_signals(lambda: None):  # never a half-written checkpoint
+            torch.save(state, tmp)
+            os.replace(tmp, os.path.join(self.out_dir, CHECKPOINT))
 
     def load_checkpoint(self, path: str) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])  # in place: the IR graph keeps its references
-        self.opt.load_state_dict(state["optimizer"])
-        self.epoch = state["epoch"]
-        self.metrics = list(state["metrics"])
-        torch.set_rng_state(state["torch_rng"])
+        """Restore a checkpoint (end of an epoch, or mid-epoch after an interruption)."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])  # in place: the IR graph keeps its references
+            self.opt.load_state_dict(state["optimizer"])
+            epoch, metrics, rng = int(state["epoch"]), list(state["metrics"]), state["torch_rng"]
+            partial = state.get("partial")
+        except FileNotFoundError:
+            raise VerikitError(f"--resume: no {CHECKPOINT} in {os.path.dirname(path) or '.'}") from None
+        except Exception as e:  # a truncated or foreign file: unpickling errors of every kind
+            raise VerikitError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]}); it is damaged or not a verikit checkpoint") from None
+        self.epoch, self.metrics, self.partial = epoch, metrics, partial
+        torch.set_rng_state(rng)
+
+
+def is_run_dir(path: str) -> bool:
+    """Does `path` hold (part of) a training run?"""
+    return any(os.path.exists(os.path.join(path, f)) for f in RUN_FILES)
 
 
 def resume_config(run_dir: str) -> TrainConfig:
-    path = os.path.join(run_dir, CHECKPOINT)
-    if not os.path.exists(path):
-        raise VerikitError(f"--resume {run_dir}: no {CHECKPOINT} there")
-    with open(os.path.join(run_dir, "config.json")) as f:
-        return TrainConfig.from_dict(json.load(f))
-
-
-class _progress:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, label: str, enabled: bool):
-        self.total, self.label, self.n, self.enabled = total, label, 0, enabled
-        self.tty = sys.stderr.isatty()
-        self.t0 = time.perf_counter()
-        self.every = max(1, total // 10)
-
-    def update(self, k: int, info: str = "") -> None:
-        self.n += k
-        if not self.enabled:
-            return
-        if self.tty or self.n % self.every == 0 or self.n == self.total:
-            frac = self.n / self.total
-            bar = "#" * int(30 * frac) + "-" * (30 - int(30 * frac))
-            el = time.perf_counter() - self.t0
-            eta = el / self.n * (self.total - self.n)
-            line = f"{self.label} [{bar}] {self.n}/{self.total} {info} {el:.0f}s<{eta:.0f}s"
-            sys.stderr.write(("\r" + line) if self.tty else line + "\n")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
+    if not os.path.isdir(run_dir):
+        raise VerikitError(f"--resume {run_dir}: no such run directory")
+    if not os.path.exists(os.path.join(run_dir, CHECKPOINT)):
+        raise VerikitError(f"--resume {run_dir}: no {CHECKPOINT} there (a run stopped before its first checkpoint "
+                           "has nothing to resume: start it again with --out DIR --force)")
+    try:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            return TrainConfig.from_dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise VerikitError(f"--resume {run_dir}: cannot read config.json ({e})") from None
