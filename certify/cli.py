@@ -76,6 +76,8 @@ def _domain_names(text):
     if text is None:
         avail = available_domains()
         return [d for d in _DEFAULT_CHAIN if d in avail]
+    if not text.strip(" ,"):
+        raise VerikitError(f"--domains is empty; available: {', '.join(available_domains())}")
     names = parse_domain_list(text)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -147,6 +149,8 @@ def _split_flags(kwargs: dict) -> dict:
 def _plot_path(plot):
     if plot is None:
         return None
+    if os.path.isdir(str(plot)):
+        return check_output_file(plot, "--plot")  # the error for a directory
     ext = os.path.splitext(str(plot))[1].lower().lstrip(".")
     if ext not in PLOT_FORMATS:
         raise VerikitError(f"--plot {plot}: unsupported image format {ext or '(none)'!r}; "
@@ -388,6 +392,7 @@ def _read(instances, benchmarks):
         known = {r["benchmark"] for r in rows}
         bad = [b for b in benchmarks if b not in known]
         if bad:
-            raise VerikitError(f"unknown benchmark(s) {', '.join(bad)}; the file has {', '.join(sorted(known))}")
+            has = ", ".join(sorted(k for k in known if k)) or "no benchmark column"
+            raise VerikitError(f"--benchmark: unknown benchmark(s) {', '.join(bad)}; {instances} has {has}")
         rows = [r for r in rows if r["benchmark"] in benchmarks]
     return rows

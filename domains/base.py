@@ -61,25 +61,26 @@ def check_domain_result(cls: type, result, spec: Optional[Spec], batch: int) -> 
 
     name = getattr(cls, "name", "?")
     if not isinstance(result, DomainResult):
-        raise VerikitError(f"domain {name!r} returned {type(result).__name__}, not a DomainResult")
+        raise VerikitError(f"it returned {type(result).__name__}, not a DomainResult (domain {name!r})")
     rows = spec.C.shape[-2] if spec is not None else None
     want = f"({batch}, {rows})" if rows is not None else f"({batch}, outputs)"
     for what, t in (("lower", result.lower), ("upper", result.upper)):
         if t is None and what == "upper":
             continue
         if not isinstance(t, Tensor):
-            raise VerikitError(f"domain {name!r}: result.{what} must be a tensor of shape {want}, "
-                               f"got {type(t).__name__}")
+            raise VerikitError(f"its result.{what} must be a tensor of shape {want}, got {type(t).__name__} "
+                               f"(domain {name!r})")
         if t.dim() != 2 or t.shape[0] != batch or (rows is not None and t.shape[1] != rows):
-            raise VerikitError(f"domain {name!r}: result.{what} has shape {tuple(t.shape)}, expected {want} "
-                               "(one row per sample, one column per spec row)")
+            raise VerikitError(f"its result.{what} has shape {tuple(t.shape)}, expected {want}: one row per "
+                               f"sample, one column per spec row (domain {name!r})")
     for what, seq in (("status", result.status), ("counterexamples", result.counterexamples)):
         if seq is not None and (not isinstance(seq, (list, tuple)) or len(seq) != batch):
-            raise VerikitError(f"domain {name!r}: result.{what} must be a list with one entry per sample ({batch})")
+            raise VerikitError(f"its result.{what} must be a list with one entry per sample ({batch}) (domain {name!r})")
     if result.status is not None:
         bad = sorted({str(v) for v in result.status} - {VERIFIED, FALSIFIED, UNKNOWN})
         if bad:
-            raise VerikitError(f"domain {name!r}: result.status holds {', '.join(bad)}; use verified, falsified, unknown")
+            raise VerikitError(f"its result.status holds {', '.join(bad)}; use verified, falsified or unknown "
+                               f"(domain {name!r})")
         if not getattr(cls, "complete", False) and spec is not None:
             backed = spec.holds_given_lower(result.lower.detach()).cpu()
             claims = [k for k, v in enumerate(result.status) if v == VERIFIED and not bool(backed[k])]

@@ -83,10 +83,15 @@ def _new_highs():
     return h
 
 
+_CANCEL_WAIT = 0.5  # seconds to let a cancelled HiGHS solve stop before the interrupt goes on without it
+
+
 def _run_highs(h) -> None:
     """h.run(), but interruptible: a plain run() holds Ctrl-C until the solve ends (minutes).
-    The solve runs in highspy's helper thread; on KeyboardInterrupt (or Terminated) in the
-    waiting main thread it is cancelled, awaited (milliseconds) and the interrupt re-raised."""
+    The solve runs in highspy's helper thread while the main thread waits; on KeyboardInterrupt
+    (or Terminated) the solve is cancelled and the interrupt re-raised. HiGHS notices the cancel
+    only at its next callback, which some MIP phases reach only after seconds, so the (daemon)
+    thread is given at most _CANCEL_WAIT seconds and then left to stop on its own."""
     h.HandleUserInterrupt = True
     h.startSolve()
     try:
@@ -94,8 +99,7 @@ def _run_highs(h) -> None:
             pass
     except KeyboardInterrupt:
         h.cancelSolve()
-        while not h.wait(0.05)[0]:
-            pass
+        h.wait(_CANCEL_WAIT)
         raise
 
 

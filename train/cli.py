@@ -101,7 +101,7 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
     Exit codes: 0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM (a checkpoint is kept).
     """
     from .config import TrainConfig
-    from .loop import CHECKPOINT, is_run_dir, resume_config
+    from .loop import CHECKPOINT, is_run_dir, read_checkpoint, resume_config
 
     if resume_dir:
         fixed = [_flag(ctx, p.name) for p in ctx.command.params if p.name not in _RESUME_FLAGS and _given(ctx, p.name)]
@@ -112,13 +112,17 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
         if out_dir and os.path.abspath(out_dir) != os.path.abspath(resume_dir):
             raise VerikitError(f"--out {out_dir} differs from --resume {resume_dir}: a resumed run stays in its folder")
         cfg = resume_config(resume_dir)
+        state = read_checkpoint(os.path.join(resume_dir, CHECKPOINT))  # a damaged file: an error before any work
         if _given(ctx, "epochs"):
+            if epochs < int(state["epoch"]):
+                raise VerikitError(f"--epochs {epochs}: the run in {resume_dir} has already done {state['epoch']}")
             cfg.epochs = epochs
         if _given(ctx, "device"):
             cfg.device = device
         cfg = cfg.resolved()
         out_dir = resume_dir
     else:
+        state = None
         cfg = TrainConfig(dataset=dataset, model=model, method=method, domain=domain, eps=_eps(eps),
                           sabr_lambda=sabr_lambda, epochs=epochs, batch_size=batch_size, lr=lr,
                           lr_milestones=_milestones(lr_milestones), warmup_epochs=warmup_epochs,
@@ -140,7 +144,7 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
         torch.set_num_threads(threads)
     trainer = None
     try:
-        trainer = _start(cfg, out_dir, resume_dir, force, checkpoint_minutes)
+        trainer = _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state)
         trainer.fit(progress=not quiet)
         finish_run(trainer)
     except KeyboardInterrupt as e:
@@ -148,18 +152,15 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
         sys.exit(exit_code(e))
 
 
-def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes):
-    from .loop import CHECKPOINT, RUN_FILES, Trainer
+def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state):
+    from .loop import RUN_FILES, Trainer
 
     c = cfg
     click.echo(f"loading {c.dataset} and building {c.model}...", err=True)
     trainer = Trainer(cfg, out_dir, log=click.echo)
     trainer.checkpoint_seconds = 60.0 * checkpoint_minutes
     if resume_dir:
-        trainer.load_checkpoint(os.path.join(resume_dir, CHECKPOINT))
-        if trainer.epoch > trainer.cfg.epochs:
-            raise VerikitError(f"--epochs {trainer.cfg.epochs}: the run in {out_dir} has already done "
-                               f"{trainer.epoch} epochs")
+        trainer.restore(state)
         where = f"epoch {trainer.epoch}" if not trainer.partial else \
             f"step {trainer.partial['step']}/{trainer.steps_per_epoch} of epoch {trainer.epoch + 1}"
         click.echo(f"resuming {out_dir} after {where} (of {plural(trainer.cfg.epochs, 'epoch')})")

@@ -135,9 +135,9 @@ class TrainConfig:
             out.append(f"--lr-milestones {','.join(map(str, late))} lie at or after the last epoch "
                        f"({self.epochs}) and have no effect")
         if self.method != "standard" and self.eps > 0 and self.epochs - self.warmup_epochs < 4:
-            out.append(f"only {self.epochs - self.warmup_epochs} epoch(s) after the warm-up: certified training "
-                       "needs a gradual eps ramp, and a model trained this briefly may collapse to a constant "
-                       "classifier. For a quick smoke run use --method standard or a small --eps (see README)")
+            out.append(f"only {self.epochs - self.warmup_epochs} epoch(s) after the warm-up (eps ramp "
+                       f"{self.ramp_epochs}): short certified-training runs can collapse to a constant classifier "
+                       "(e.g. cnn7 with --epochs 4); the README's smoke-run recipe is a quick run that does not")
         return out
 
     @property

@@ -296,19 +296,33 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         """Restore a checkpoint (end of an epoch, or mid-epoch after an interruption)."""
+        self.restore(read_checkpoint(path))
+
+    def restore(self, state: dict) -> None:
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
             self.model.load_state_dict(state["model"])  # in place: the IR graph keeps its references
             self.opt.load_state_dict(state["optimizer"])
-            epoch, metrics, rng = int(state["epoch"]), list(state["metrics"]), state["torch_rng"]
-            partial = state.get("partial")
-        except FileNotFoundError:
-            raise VerikitError(f"--resume: no {CHECKPOINT} in {os.path.dirname(path) or '.'}") from None
-        except Exception as e:  # a truncated or foreign file: unpickling errors of every kind
-            raise VerikitError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: "
-                               f"{' '.join(str(e).split())[:200]}); it is damaged or not a verikit checkpoint") from None
-        self.epoch, self.metrics, self.partial = epoch, metrics, partial
-        torch.set_rng_state(rng)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise VerikitError(f"--resume: the checkpoint does not fit this run's model ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]})") from None
+        self.epoch, self.metrics, self.partial = int(state["epoch"]), list(state["metrics"]), state.get("partial")
+        torch.set_rng_state(state["torch_rng"])
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint's contents, checked: a damaged or foreign file is a VerikitError, not a traceback."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise VerikitError(f"--resume: no {CHECKPOINT} in {os.path.dirname(path) or '.'}") from None
+    except Exception as e:  # truncated or foreign files fail with unpickling errors of every kind
+        raise VerikitError(f"--resume: cannot read the checkpoint {path} ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:160]}); it is damaged or not a verikit checkpoint") from None
+    missing = [k for k in ("epoch", "model", "optimizer", "metrics", "torch_rng")
+               if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise VerikitError(f"--resume: {path} is not a verikit checkpoint (no {', '.join(missing)})")
+    return state
 
 
 def is_run_dir(path: str) -> bool:

@@ -77,7 +77,7 @@ class _Group(click.Group):
         warnings.showwarning = _show_warning
         try:
             with sigterm_raises():
-                rv = super().main(args, prog_name or "verikit", complete_var, standalone_mode=False,
+                rv = super().main(args, "verikit", complete_var, standalone_mode=False,
                                   **{"obj": {"argv": args}, **extra})
         except click.exceptions.Exit as e:
             rv = e.exit_code

@@ -20,7 +20,8 @@ class UnsupportedOpsError(VerikitError):
     def __init__(self, nodes: list[tuple[str, str, str]]):
         self.nodes = nodes
         listing = "; ".join(f"{name or '<unnamed>'} ({op}{': ' + why if why else ''})" for name, op, why in nodes)
-        super().__init__(f"unsupported operators in model ({len(nodes)} nodes): {listing}")
+        count = f"{len(nodes)} node" + ("" if len(nodes) == 1 else "s")
+        super().__init__(f"unsupported operators in model ({count}): {listing}")
 
 
 class ShapeError(VerikitError):

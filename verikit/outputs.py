@@ -75,7 +75,7 @@ def check_input_file(path: str, flag: str, kind: str = "file") -> str:
     if not os.path.exists(path):
         raise VerikitError(f"{kind} not found: {path}" + (f" ({flag})" if flag else ""))
     if os.path.isdir(path):
-        raise VerikitError(f"{what} is a directory; give a {kind}")
+        raise VerikitError(f"{what} is a directory, not a {kind}")
     try:
         with open(path, "rb"):
             pass
