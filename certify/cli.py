@@ -48,6 +48,18 @@ def _seconds(value, flag):
     return value
 
 
+def _check_device(device: str) -> str:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise VerikitError(f"bad --device {device!r}: use cpu, cuda, cuda:1, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise VerikitError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
 def _set_threads(n):
     if n:  # 0: torch's default (all cores)
         import torch
@@ -96,6 +108,7 @@ def _chain_config(flags: dict, vnn: bool = False):
 
     domains = _domain_names(flags["domains"])
     _seconds(flags["timeout"], "--timeout")
+    _check_device(flags["device"])
     explicit = parse_domain_options(flags["domain_option"], domains)
     shortcuts = {"alpha_steps": flags["alpha_steps"], "solver": flags["milp_solver"], "threads": flags["milp_threads"]}
     options = merge_options(domains, shortcuts, explicit)

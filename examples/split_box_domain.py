@@ -6,6 +6,13 @@ Box propagation on each slab, and keeps, per spec row, the worst bound over the 
 
     python examples/split_box_domain.py                         # use it from Python
     PYTHONPATH=examples VERIKIT_PLUGINS=split_box_domain verikit domains   # ...and the CLI
+    PYTHONPATH=examples VERIKIT_PLUGINS=split_box_domain verikit certify mnist-sabr-0.1 --eps 0.1 \
+        --domains splitbox,crown --domain-option splitbox.pieces=8           # with an option
+
+The contract (README, "Adding your own domain"): `inputs` is a Box of shape (B, *input_shape);
+return a DomainResult whose `lower` (and `upper`, or None) has shape (B, rows of the spec), or
+(B, outputs) when `spec` is None; options arrive in `self.config`; `store` (the previous
+domains' bounds, or None) is used and handed on; `ctx` is passed through to propagation.
 """
 import torch
 

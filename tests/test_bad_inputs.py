@@ -183,6 +183,14 @@ VNNCOMP = [
     ("csv-empty", "vnncomp {emptycsv} -o {out}", "empty.csv"),
     ("vnncomp-domains-twice", "vnncomp {csv} --domains box,box -o {out}", "--domains"),
     ("vnncomp-threads", "vnncomp {csv} --threads -1 -o {out}", "'--threads'"),
+    ("vnncomp-device", "vnncomp {csv} --device tpu -o {out}", "--device"),
+    ("vnncomp-domains-unknown", "vnncomp {csv} --domains box,octagon -o {out}", "octagon"),
+    ("vnncomp-domain-option", "vnncomp {csv} --domains crown --domain-option crown.nope=1 -o {out}", "nope"),
+    ("vnncomp-attack-steps", "vnncomp {csv} --attack-steps 0 -o {out}", "'--attack-steps'"),
+    ("vnncomp-attack-restarts", "vnncomp {csv} --attack-restarts 0 -o {out}", "'--attack-restarts'"),
+    ("vnncomp-alpha-steps", "vnncomp {csv} --alpha-steps -1 -o {out}", "'--alpha-steps'"),
+    ("vnncomp-milp-solver", "vnncomp {csv} --milp-solver cplex -o {out}", "'--milp-solver'"),
+    ("vnncomp-milp-threads", "vnncomp {csv} --milp-threads -1 -o {out}", "'--milp-threads'"),
 ]
 TRAIN = [
     ("train-eps-wide", "train --eps 2 --out {new}", "--eps 2"),
@@ -242,10 +250,22 @@ SCRIPT_CASES_SLOW = ["domains-twice", "output-nodir", "resume-wrong-type", "plot
 MODULE_CASES = ["eps-negative"]  # via `python -m verikit`
 
 
-def test_the_table_is_large_and_covers_every_command():
+def _command_of(template):
+    return template.split()[-1] if template.startswith("VERIKIT") else template.split()[0]
+
+
+def test_the_table_is_large_and_covers_every_command_and_option():
+    import click
+
     assert len(CASES) >= 60 and len({c[0] for c in CASES}) == len(CASES)
-    commands = {c[1].split()[-1] if c[1].startswith("VERIKIT") else c[1].split()[0] for c in CASES}
+    commands = {_command_of(c[1]) for c in CASES}
     assert {"certify", "vnncomp", "train", "info", "domains", "models"} <= commands
+    for name in ("certify", "vnncomp", "train", "info"):
+        cmd = main.get_command(None, name)
+        templates = " ".join(c[1] for c in CASES if _command_of(c[1]) == name)
+        for p in cmd.params:
+            if isinstance(p, click.Option) and not p.is_flag and p.name != "help":
+                assert any(o in templates.split() for o in p.opts), f"no bad-input case for {name} {p.opts[0]}"
 
 
 def _prepare(case_dir, files):
