@@ -359,3 +359,72 @@ def test_legends_do_not_cover_the_data(which, tmp_path, monkeypatch):
     for ax, leg in legends:
         box, area = leg.get_window_extent(renderer), ax.get_window_extent(renderer)
         assert box.y1 <= area.y0 + 1, "legend overlaps its axes"
+
+
+# ------------------------------------------------------------------ item 5: mid-epoch checkpoints
+def test_periodic_mid_epoch_checkpoints_resume_bit_identically(tmp_path, monkeypatch):
+    """With a checkpoint after every step, a copy taken mid-epoch resumes to exactly the
+    uninterrupted weights; and the end-of-epoch checkpoint carries no stale mid-epoch state."""
+    from verikit.models import architectures
+    from verikit.train.config import TrainConfig
+    from verikit.train.loop import Trainer, read_checkpoint
+
+    def tiny(in_shape, num_classes):
+        return [torch.nn.Flatten(), torch.nn.Linear(784, 16), torch.nn.ReLU(), torch.nn.Linear(16, num_classes)]
+
+    monkeypatch.setitem(architectures.ARCHITECTURES, "tiny-mlp", tiny)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 10, (96,), generator=g)
+    x = (torch.rand(96, 1, 28, 28, generator=g) * 0.3 + (y.float() / 10).view(-1, 1, 1, 1) * 0.7).clamp(0, 1)
+    data = (x, y, x[:16], y[:16])
+    cfg = TrainConfig(model="tiny-mlp", eps=0.1, sabr_lambda=0.4, epochs=2, batch_size=16, eval_samples=16,
+                      warmup_epochs=0, ramp_epochs=1, seed=1)
+    straight = Trainer(cfg, str(tmp_path / "a"), data=data, log=lambda s: None)
+    straight.fit(progress=False)
+
+    run = tmp_path / "b"
+    t = Trainer(cfg, str(run), data=data, log=lambda s: None)
+    t.checkpoint_seconds = 1e-9  # after every step
+    saved = []
+    real_save = Trainer.save_checkpoint
+
+    def save_and_copy(self):
+        real_save(self)
+        saved.append(self.partial and self.partial["step"])
+        if len(saved) == 9:  # epoch 2, after its 2nd step (epoch 1: 5 mid-epoch saves + 1 at its end)
+            shutil.copy(run / "checkpoint.pt", tmp_path / "mid.pt")
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_and_copy)
+    t.fit(progress=False)
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    assert saved[:6] == [1, 2, 3, 4, 5, None] and read_checkpoint(str(run / "checkpoint.pt"))["partial"] is None
+    mid = read_checkpoint(str(tmp_path / "mid.pt"))
+    assert mid["epoch"] == 1 and mid["partial"]["step"] == 3
+    resumed = Trainer(cfg, str(tmp_path / "c"), data=data, log=lambda s: None)
+    resumed.restore(mid)
+    torch.manual_seed(999)  # the global RNG state at resume time must not matter
+    resumed.fit(progress=False)
+    for k, v in straight.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in straight.metrics]
+
+
+def test_atomic_writes_keep_the_old_file_and_respect_links_and_devices(tmp_path):
+    from verikit.outputs import atomic_write
+
+    target = tmp_path / "result.txt"
+    target.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(str(target)) as f:
+            f.write("half of the new")
+            raise KeyboardInterrupt  # killed mid-write
+    assert target.read_text() == "old\n" and os.listdir(tmp_path) == ["result.txt"]  # no temp file left
+    link = tmp_path / "link.txt"
+    link.symlink_to(target)
+    with atomic_write(str(link)) as f:
+        f.write("new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    with atomic_write(os.devnull) as f:  # a device is written, not replaced by a regular file
+        f.write("x")
+    assert not os.path.isfile(os.devnull)
+    assert oct(target.stat().st_mode & 0o777) != oct(0o600)  # plain-open permissions, not mkstemp's

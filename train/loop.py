@@ -213,10 +213,12 @@ class Trainer:
         t0 = time.perf_counter() - part["seconds"]
         last_save = time.perf_counter()
 
-        def keep(step: int) -> None:  # a mid-epoch checkpoint: resume continues at `step`
+        def keep(step: int, interrupted: bool = True) -> None:  # mid-epoch checkpoint: resume continues at `step`
             self.partial = {"step": step, "loss": tot_loss, "cert": tot_cert, "n_cert": n_cert,
                             "seconds": time.perf_counter() - t0, "gen": attack_gen.get_state()}
             self.save_checkpoint()
+            if not interrupted:
+                self.partial = None  # the epoch goes on; `partial` describes only what was saved
 
         with Progress(self.steps_per_epoch, f"epoch {e + 1}/{cfg.epochs}", unit="steps", enabled=progress) as bar:
             bar.update(start)
@@ -244,7 +246,7 @@ class Trainer:
                 bar.update(1, f"loss {tot_loss / (s + 1):.4f} eps {eps:.4f}")
                 if self.checkpoint_seconds and time.perf_counter() - last_save >= self.checkpoint_seconds \
                         and s + 1 < self.steps_per_epoch:
-                    keep(s + 1)
+                    keep(s + 1, interrupted=False)
                     last_save = time.perf_counter()
         train_time = time.perf_counter() - t0
         try:
@@ -257,6 +259,7 @@ class Trainer:
                "lambda": cfg.sabr_lambda, "lr": lr, "loss": tot_loss / self.steps_per_epoch,
                "train_cert_acc": tot_cert / n_cert if n_cert else float("nan"), **ev, "time_s": train_time}
         with deferred_signals(lambda: None):  # the finished epoch is recorded whole, or not at all
+            self.partial = None
             self.metrics.append(row)
             self.epoch += 1
             self.log(f"epoch {row['epoch']}: loss {row['loss']:.4f}  eps {row['eps']:.4f}  clean "

@@ -95,10 +95,11 @@ class _Group(click.Group):
             click.echo("interrupted", err=True)
             sys.exit(exit_code(e))
         except OSError as e:
-            if e.errno != errno.EPIPE:  # output piped into `head` is not an error
+            if e.errno != errno.EPIPE:
                 raise
-            sys.stderr.close()
-            sys.exit(0)
+            # output piped into `head`: stop quietly (and let the exit-time flush write nowhere)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         finally:
             warnings.showwarning = saved_warning
         if not standalone_mode:

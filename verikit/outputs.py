@@ -87,8 +87,16 @@ def check_input_file(path: str, flag: str, kind: str = "file") -> str:
 @contextmanager
 def atomic_write(path: str, mode: str = "w", encoding: Optional[str] = "utf-8", newline: Optional[str] = None) -> Iterator:
     """Write to a temporary file beside `path` and move it into place when the block ends
-    without error: a run killed mid-write leaves the old file (or none), never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
+    without error: a run killed mid-write leaves the old file (or none), never half of one.
+    Through a symlink the target is replaced; a device or pipe (/dev/null, /dev/stdout) is
+    written directly, never replaced by a regular file."""
+    path = os.path.realpath(path)
+    if os.path.exists(path) and not os.path.isfile(path):
+        text = "b" not in mode
+        with open(path, mode, encoding=encoding if text else None, newline=newline if text else None) as f:
+            yield f
+        return
+    directory = os.path.dirname(path)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     umask = os.umask(0)
     os.umask(umask)
