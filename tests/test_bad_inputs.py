@@ -220,6 +220,7 @@ TRAIN = [
     ("train-method", "train --method magic --out {new}", "'--method'"),
     ("train-device", "train --device tpu --out {new}", "'--device'"),
     ("checkpoint-minutes", "train --checkpoint-minutes -1 --out {new}", "'--checkpoint-minutes'"),
+    ("standard-with-lambda", "train --method standard --sabr-lambda 0.5 --out {new}", "--sabr-lambda"),
     ("out-is-file", "train --out {out}", "--out"),
     ("out-is-run", "train --out {run}", "--force"),
     ("resume-missing", "train --resume {indir}/norun", "--resume"),

@@ -55,7 +55,7 @@ def _flag(ctx, name):
 @click.option("--dataset", default="mnist", help="mnist (bundled), fashion-mnist, cifar10 (downloaded)")
 @click.option("--eps", default="0.1", help="target L∞ radius in [0, 1] pixel units: 0.1 or 8/255")
 @click.option("--model", default="cnn7", help="cnn7, cnn-small or mlp")
-@click.option("--epochs", type=int, default=70, help="total epochs (with --resume: extend or shorten the run)")
+@click.option("--epochs", type=int, default=70, help="total epochs (with --resume: a larger total extends the run)")
 @click.option("--batch-size", type=int, default=128)
 @click.option("--lr", type=float, default=5e-4, help="Adam learning rate")
 @click.option("--lr-milestones", default=None, show_default=False,
@@ -123,6 +123,11 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
         out_dir = resume_dir
     else:
         state = None
+        if method == "standard":
+            unused = [_flag(ctx, n) for n in ("sabr_lambda", "domain", "relu_shrink") if _given(ctx, n)]
+            if unused:
+                raise VerikitError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
+                                   "--method standard (plain training; --eps is still the evaluation radius)")
         cfg = TrainConfig(dataset=dataset, model=model, method=method, domain=domain, eps=_eps(eps),
                           sabr_lambda=sabr_lambda, epochs=epochs, batch_size=batch_size, lr=lr,
                           lr_milestones=_milestones(lr_milestones), warmup_epochs=warmup_epochs,
@@ -171,10 +176,11 @@ def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state):
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    click.echo(f"training {c.model} on {c.dataset}: {c.kind} (λ={c.sabr_lambda}, domain {c.domain}), "
-               f"ε={format_eps(c.eps)}, {plural(c.epochs, 'epoch')} (warm-up {c.warmup_epochs}, ramp "
-               f"{c.ramp_epochs}, lr milestones {list(c.lr_milestones)}), {plural(trainer.steps_per_epoch, 'step')} "
-               f"per epoch, device {trainer.device} -> {out_dir}")
+    what = (f"standard training (evaluated at ε={format_eps(c.eps)})" if c.kind == "standard" else
+            f"{c.kind} (λ={c.sabr_lambda}, domain {c.domain}), ε={format_eps(c.eps)}")
+    click.echo(f"training {c.model} on {c.dataset}: {what}, {plural(c.epochs, 'epoch')} (warm-up "
+               f"{c.warmup_epochs}, ramp {c.ramp_epochs}, lr milestones {list(c.lr_milestones)}), "
+               f"{plural(trainer.steps_per_epoch, 'step')} per epoch, device {trainer.device} -> {out_dir}")
     return trainer
 
 
