@@ -12,6 +12,8 @@ import math
 import os
 import shlex
 import sys
+from dataclasses import dataclass, field
+from typing import Optional
 
 import click
 from click.core import ParameterSource
@@ -246,20 +248,29 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
     indices = list(range(start, min(start + num_samples, len(labels))))
     images = fit_to_model(images, loaded.graph.input_shape)
     run = _DatasetRun(loaded, images, labels, indices, eps_list, cfg, tuple(rng), batch_size, output, resume,
-                      as_json, plot, not flags["quiet"], original_args(ctx))
+                      as_json, plot, progress=not flags["quiet"], argv=original_args(ctx))
     run.execute()
 
 
+@dataclass
 class _DatasetRun:
     """One `certify --eps` run over dataset samples: stream records, report, keep finished work."""
 
-    def __init__(self, loaded, images, labels, indices, eps_list, cfg, data_range, batch_size, output, resume,
-                 as_json, plot, progress, argv):
-        self.loaded, self.images, self.labels, self.indices = loaded, images, labels, indices
-        self.eps_list, self.cfg, self.data_range, self.batch_size = eps_list, cfg, data_range, batch_size
-        self.output, self.resume, self.as_json, self.plot = output, resume, as_json, plot
-        self.progress, self.argv = progress, argv
-        self.counts: dict = {}
+    loaded: object  # LoadedModel
+    images: object
+    labels: object
+    indices: list
+    eps_list: list
+    cfg: object  # ChainConfig
+    data_range: tuple
+    batch_size: int
+    output: Optional[str]
+    resume: bool
+    as_json: bool
+    plot: Optional[str]
+    progress: bool
+    argv: list
+    counts: dict = field(default_factory=dict)
 
     def _on_done(self, bar, rec):
         if rec is not None:
