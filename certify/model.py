@@ -35,12 +35,18 @@ def resolve_model_path(model: str) -> str:
 
 
 def load_model(model: str, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None,
-               device: str = "cpu") -> LoadedModel:
+               device: str = "cpu", check: bool = True) -> LoadedModel:
+    """Import the model and (with `check`) run the import check of `verikit info`: verikit's
+    graph and onnxruntime must agree on every mapped tensor's values and shapes for two random
+    inputs, else `ModelLoadError` (a proof about a mis-imported network proves nothing)."""
+    from verikit.onnx_check import check_import
     from verikit.onnx_import import from_onnx
 
     path = resolve_model_path(model)
     graph = from_onnx(path)
     graph.source = path
+    if check:
+        check_import(path, graph, num_inputs=2)
     onnx_input = None
     if mean is not None or std is not None:
         graph, onnx_input = with_normalisation(graph, mean or [0.0], std or [1.0])

@@ -145,7 +145,8 @@ class JacobianCache:
 
     def get(self, node: ir.Node, b: int):
         op = node.op
-        if isinstance(op, ir.Linear) and op.weight.dim() == 3:  # per-sample (folded spec) weights
+        if isinstance(op, ir.Linear) and op.weight.dim() == 3 and len(self.graph.shapes[node.inputs[0]]) == 1:
+            # per-sample (folded spec) weights
             W = op.weight[b].detach().double().cpu().numpy()
             bias = op.bias[b] if op.bias is not None and op.bias.dim() == 2 else op.bias
             f0 = np.zeros(W.shape[0]) if bias is None else bias.detach().double().cpu().numpy().reshape(-1)
@@ -156,7 +157,7 @@ class JacobianCache:
 
     def _compute(self, node: ir.Node):
         op = node.op
-        if isinstance(op, ir.Linear):
+        if isinstance(op, ir.Linear) and len(self.graph.shapes[node.inputs[0]]) == 1:
             W = op.weight.detach().double().cpu().numpy()
             f0 = np.zeros(W.shape[0]) if op.bias is None else op.bias.detach().double().cpu().numpy().reshape(-1)
             return [sp.csr_matrix(W)], f0
@@ -283,6 +284,9 @@ def encode(graph: ir.Graph, store: BoundStore, b: int, jac: Optional[JacobianCac
         lo, hi = np.maximum(lo, ilo), np.minimum(hi, ihi)
         if tightener is not None:
             lo, hi = tightener(model, z, lo, hi, name)
+        # two valid enclosures of the same value can miss each other by rounding (a point
+        # interval stored in float32, recomputed in float64): keep both ends, never an empty one
+        lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
         pre_bounds[name] = (lo, hi)
         return lo, hi
 

@@ -183,8 +183,8 @@ def info(model, check, samples, show_graph, threads):
         click.echo(f"onnxruntime check: {plural(len(rep.per_node), 'tensor')} compared on "
                    f"{plural(samples, 'random input')}, "
                    f"max relative error {rep.max_rel_error:.2e}" + (f" (at {worst[0]})" if worst else ""))
-        if rep.max_rel_error > 1e-4:
-            raise VerikitError(f"import disagrees with onnxruntime (relative error {rep.max_rel_error:.2e})")
+        if rep.problem(1e-4):
+            raise VerikitError(f"import disagrees with onnxruntime: {rep.problem(1e-4)}")
 
 
 def _set_threads(n: int) -> None:

@@ -53,8 +53,9 @@ def fold_constant(node, xs: list[Optional[np.ndarray]]) -> list[np.ndarray]:
         axes = [int(v) for v in xs[1]] if len(xs) > 1 and xs[1] is not None else a.get("axes")
         return [np.squeeze(x, axis=None if axes is None else tuple(axes))]
     if op == "Reshape":
-        target = [int(v) for v in xs[1]]
-        target = [x.shape[i] if t == 0 else t for i, t in enumerate(target)]
+        target = [int(v) for v in (xs[1] if len(xs) > 1 and xs[1] is not None else a["shape"])]
+        if not a.get("allowzero", 0):
+            target = [x.shape[i] if t == 0 else t for i, t in enumerate(target)]
         return [x.reshape(target)]
     if op == "Flatten":
         axis = a.get("axis", 1)
@@ -69,9 +70,14 @@ def fold_constant(node, xs: list[Optional[np.ndarray]]) -> list[np.ndarray]:
     if op == "Neg":
         return [-x]
     if op == "Slice":
-        starts, ends = xs[1], xs[2]
-        axes = xs[3] if len(xs) > 3 and xs[3] is not None else range(len(starts))
-        steps = xs[4] if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
+        if "starts" in a:  # Slice-1: starts, ends, axes are attributes
+            starts, ends = a["starts"], a["ends"]
+            axes = a.get("axes", range(len(starts)))
+            steps = [1] * len(starts)
+        else:
+            starts, ends = xs[1], xs[2]
+            axes = xs[3] if len(xs) > 3 and xs[3] is not None else range(len(starts))
+            steps = xs[4] if len(xs) > 4 and xs[4] is not None else [1] * len(starts)
         sl = [slice(None)] * x.ndim
         for s, e, ax, st in zip(starts, ends, axes, steps):
             sl[int(ax)] = slice(int(s), int(e), int(st))
