@@ -56,12 +56,12 @@ def check_property(model: LoadedModel, prop: VnnlibProperty, config: ChainConfig
         (o,) = chain.run(box, case.spec.expand(1))
         by.append(o.by)
         if o.status == FALSIFIED:
-            x = np.clip(o.counterexample.double().numpy().reshape(-1), case.lo, case.hi)
-            y = _confirm(model, case, x)
+            x = _into_case(case, o.counterexample, dtype)
+            y = _confirm(model, case, x) if x is not None else None
             if y is not None:
                 return VnnResult(VIOLATED, time.perf_counter() - t0, by, x, y)
             answer = UNKNOWN
-            notes.append("counterexample lies outside the exact input box")
+            notes.append("counterexample does not re-check inside the exact property")
             continue
         if o.status != VERIFIED:
             answer = UNKNOWN
@@ -79,14 +79,32 @@ def _round_out(values: np.ndarray, dtype, direction: int) -> torch.Tensor:
     return torch.where(inward, torch.nextafter(t, away), t)
 
 
+def _into_case(case, cex, dtype) -> Optional[np.ndarray]:
+    """The counterexample moved (by rounding at most) to a point of `dtype` that satisfies the
+    case's input constraints exactly as written (strict ones strictly); None if there is none."""
+    lo = _round_out(case.inner_lo, dtype, 1)  # inward: the smallest representable >= lo_in
+    hi = _round_out(case.inner_hi, dtype, -1)
+    if bool((lo > hi).any()):
+        return None
+    x = torch.minimum(torch.maximum(cex.detach().cpu().to(dtype).reshape(-1), lo), hi)
+    x = x.double().numpy()
+    return x if case.contains(x) else None
+
+
 def _confirm(model: LoadedModel, case, x: np.ndarray):
-    """onnxruntime's output at x (inside the exact box) if it violates the case, else None."""
+    """onnxruntime's output at x if verikit's forward pass and onnxruntime both violate the
+    exact property there (strict comparisons strictly), else None."""
     from verikit.onnx_check import evaluate_with_onnxruntime
 
-    xt = torch.tensor(x, dtype=torch.float64).reshape((1,) + tuple(model.graph.input_shape))
+    graph = model.graph
+    xt = torch.tensor(x, dtype=torch.float64).reshape((1,) + tuple(graph.input_shape))
+    with torch.no_grad():
+        ours = graph.forward(xt.to(device=graph.device, dtype=graph.dtype)).reshape(1, -1).double().cpu()
+    if not bool(case.spec.violated_by(ours)[0]):
+        return None
     feed = model.onnx_input(xt) if model.onnx_input is not None else xt
     y = evaluate_with_onnxruntime(model.path, feed)
-    violated = case.spec.to(dtype=torch.float64).violated_by(torch.from_numpy(y.astype(np.float64)))
+    violated = case.spec.violated_by(torch.from_numpy(y.astype(np.float64)))
     return y[0] if bool(violated[0]) else None
 
 

@@ -7,15 +7,21 @@ Disjuncts with the same input box share one `VnnlibCase`, whose `Spec` has one g
 polytope (the property holds on that box iff every polytope is unreachable, i.e. every group
 has a row a_i y > b_i everywhere). The property holds iff it holds for every case.
 
-Supported: declare-const (Real), assert, and/or, <=, >=, <, > (strict comparisons are read as
-non-strict, which only enlarges the unsafe region), linear terms with +, -, * by constants.
+Supported: declare-const (Real), assert, and/or, <=, >=, <, >, linear terms with +, -, * by
+constants. The property is kept as written (float64 coefficients and thresholds): proofs are
+about the closed region (a strict `<` proven as `<=` only enlarges the unsafe region), while a
+counterexample must satisfy strict comparisons strictly (`Spec.strict`, and the inward input
+bounds `lo_in`/`hi_in`). An input bound c * X_i <= b with c != 1 is rounded outward for the
+proof box and inward for counterexamples (exact rational arithmetic).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from itertools import product
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -42,9 +48,26 @@ class _List:
 class VnnlibCase:
     """One input box with the output polytopes that must be unreachable from it."""
 
-    lo: np.ndarray  # (num_inputs,)
+    lo: np.ndarray  # (num_inputs,) the closed box containing the input region (for proofs)
     hi: np.ndarray
-    spec: Spec  # C: (m, num_outputs), d: (m,), one group per unsafe polytope
+    spec: Spec  # C: (m, num_outputs), d: (m,), one group per unsafe polytope; strict rows marked
+    # float64 bounds such that every point of [lo_in, hi_in] satisfies the input constraints as
+    # written, strict ones strictly (for counterexamples); None: the same as lo / hi
+    lo_in: Optional[np.ndarray] = None
+    hi_in: Optional[np.ndarray] = None
+
+    @property
+    def inner_lo(self) -> np.ndarray:
+        return self.lo if self.lo_in is None else self.lo_in
+
+    @property
+    def inner_hi(self) -> np.ndarray:
+        return self.hi if self.hi_in is None else self.hi_in
+
+    def contains(self, x: np.ndarray) -> bool:
+        """Does the (flat, float64) input x satisfy the case's input constraints as written?"""
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        return bool(np.all(x >= self.inner_lo) and np.all(x <= self.inner_hi))
 
 
 @dataclass
@@ -129,7 +152,7 @@ def _scale(t: Linear, c: float) -> Linear:
     return {k: c * v for k, v in t.items()}
 
 
-Constraint = Linear  # meaning: expression <= 0
+Constraint = tuple  # (expression, strict): expression <= 0, or < 0 when strict
 Formula = list  # DNF: list of conjunctions (lists of constraints)
 
 
@@ -142,7 +165,7 @@ def _formula(e, path: str, declared: set) -> Formula:
             raise SpecError(f"{path}:{e.line}: {op} takes two arguments, got {len(args)}")
         a, b = _term(args[0], path, declared), _term(args[1], path, declared)
         expr = _add(a, _scale(b, -1.0)) if op in ("<=", "<") else _add(b, _scale(a, -1.0))
-        return [[expr]]
+        return [[(expr, op in ("<", ">"))]]
     if op == "and":
         parts = [_formula(a, path, declared) for a in args]
         out = [sum(combo, []) for combo in product(*parts)]
@@ -190,31 +213,49 @@ def parse_vnnlib(text: str, path: str = "<vnnlib>") -> VnnlibProperty:
     return _compile(dnf, n_in, n_out, path)
 
 
+def _up(f: Fraction) -> float:
+    """The smallest float64 >= f."""
+    v = float(f)
+    return v if Fraction(v) >= f else math.nextafter(v, math.inf)
+
+
+def _down(f: Fraction) -> float:
+    v = float(f)
+    return v if Fraction(v) <= f else math.nextafter(v, -math.inf)
+
+
 def _compile(dnf: Formula, n_in: int, n_out: int, path: str) -> VnnlibProperty:
     by_box: dict = {}
     for conj in dnf:
         lo, hi = np.full(n_in, -np.inf), np.full(n_in, np.inf)
+        lo_in, hi_in = lo.copy(), hi.copy()
         rows = []
-        for c in conj:
+        for c, strict in conj:
             kinds = {k[0] for k in c if k != 1 and c[k] != 0}
             if kinds == {"X"}:
                 var = [k for k in c if k != 1 and c[k] != 0]
                 if len(var) != 1:
                     raise SpecError(f"{path}: input constraints must bound one X_i each (boxes only)")
                 (k,) = var
-                bound = -c.get(1, 0.0) / c[k]
-                if c[k] > 0:
-                    hi[k[1]] = min(hi[k[1]], bound)
+                i = k[1]
+                bound = -Fraction(c.get(1, 0.0)) / Fraction(c[k])  # exact: c_k x + c_0 <= 0
+                if c[k] > 0:  # x <= bound (x < bound when strict)
+                    inner = _down(bound)
+                    inner = math.nextafter(inner, -math.inf) if strict and Fraction(inner) == bound else inner
+                    hi[i], hi_in[i] = min(hi[i], _up(bound)), min(hi_in[i], inner)
                 else:
-                    lo[k[1]] = max(lo[k[1]], bound)
+                    inner = _up(bound)
+                    inner = math.nextafter(inner, math.inf) if strict and Fraction(inner) == bound else inner
+                    lo[i], lo_in[i] = max(lo[i], _down(bound)), max(lo_in[i], inner)
             elif kinds == {"Y"}:
                 a = np.zeros(n_out)
                 for k, v in c.items():
                     if k != 1:
                         a[k[1]] += v
-                rows.append((a, -c.get(1, 0.0)))  # a.y <= b
+                rows.append((a, -c.get(1, 0.0), strict))  # a.y <= b (a.y < b when strict)
             elif kinds == set():
-                if c.get(1, 0.0) > 0:  # constant constraint 'k <= 0' that is false: disjunct is empty
+                const = c.get(1, 0.0)
+                if const > 0 or (strict and const == 0):  # 'k <= 0' (or 'k < 0') is false: disjunct is empty
                     rows = None
                     break
             else:
@@ -227,19 +268,22 @@ def _compile(dnf: Formula, n_in: int, n_out: int, path: str) -> VnnlibProperty:
         if np.any(lo > hi):
             continue  # empty input region: nothing to check
         if not rows:  # no output condition: every input of the box is unsafe
-            rows = [(np.zeros(n_out), 0.0)]
-        key = (lo.tobytes(), hi.tobytes())
-        by_box.setdefault(key, (lo, hi, []))[2].append(rows)
+            rows = [(np.zeros(n_out), 0.0, False)]
+        key = (lo.tobytes(), hi.tobytes(), lo_in.tobytes(), hi_in.tobytes())
+        by_box.setdefault(key, (lo, hi, lo_in, hi_in, []))[4].append(rows)
     cases = []
-    for lo, hi, polytopes in by_box.values():
-        C, d, groups = [], [], []
+    for lo, hi, lo_in, hi_in, polytopes in by_box.values():
+        C, d, strict, groups = [], [], [], []
         for poly in polytopes:
             groups.append(tuple(range(len(C), len(C) + len(poly))))
-            for a, b in poly:
+            for a, b, st in poly:
                 C.append(a)
                 d.append(b)
-        spec = Spec(torch.tensor(np.array(C)), torch.tensor(np.array(d)), tuple(groups))
-        cases.append(VnnlibCase(lo, hi, spec))
+                strict.append(st)
+        spec = Spec(torch.tensor(np.array(C)), torch.tensor(np.array(d)), tuple(groups),
+                    strict=torch.tensor(strict) if any(strict) else None)
+        same = np.array_equal(lo, lo_in) and np.array_equal(hi, hi_in)
+        cases.append(VnnlibCase(lo, hi, spec, None if same else lo_in, None if same else hi_in))
     return VnnlibProperty(cases, n_in, n_out, path)
 
 

@@ -42,10 +42,10 @@ def _round(values, dtype, direction: str) -> torch.Tensor:
 
 def case_box(graph, case, inward: bool = False) -> Box:
     """The case's input box in the graph's dtype, rounded outward (sound for proofs) or inward
-    (every point of it lies in the property's box, for counterexamples)."""
+    (every point of it satisfies the property's input constraints, for counterexamples)."""
     shape = (1,) + tuple(graph.input_shape)
-    lo = _round(case.lo, graph.dtype, "up" if inward else "down").reshape(shape)
-    hi = _round(case.hi, graph.dtype, "down" if inward else "up").reshape(shape)
+    lo = _round(case.inner_lo if inward else case.lo, graph.dtype, "up" if inward else "down").reshape(shape)
+    hi = _round(case.inner_hi if inward else case.hi, graph.dtype, "down" if inward else "up").reshape(shape)
     return Box(lo, hi)
 
 
@@ -54,7 +54,11 @@ def _inside_property_box(graph, case, spec, x: torch.Tensor) -> Optional[torch.T
     from .milp import confirm_counterexample
 
     inner = case_box(graph, case, inward=True)
+    if bool((inner.lo > inner.hi).any()):
+        return None  # no representable input satisfies the constraints
     x = torch.maximum(torch.minimum(x.reshape(inner.lo.shape), inner.hi), inner.lo)
+    if not case.contains(x.detach().double().cpu().numpy()):
+        return None
     return x[0] if confirm_counterexample(graph, spec, x) else None
 
 
@@ -104,7 +108,7 @@ def verify_vnnlib(graph, prop, time_limit: float = 60.0, pre: tuple = (), attack
         for name in pre:
             if name in known:
                 res = get_domain(name).bound(graph, box, spec, store)
-                if bool(spec.holds_given_lower(res.lower)[0]):
+                if bool(res.verified(spec)[0]):  # through the rounding guard, like every verdict
                     out.by.add(name)
                     break
         else:

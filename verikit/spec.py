@@ -27,6 +27,11 @@ class Spec:
     C: Tensor  # (m, n) shared by the batch, or (B, m, n) per sample
     d: Tensor  # (m,) or (B, m)
     groups: Optional[tuple] = None  # tuple of tuples of row indices; None: every row its own group
+    # (m,) bool: rows whose unsafe side is strict (C_i y - d_i < 0, from a VNN-LIB `<` / `>`);
+    # None: every unsafe side is non-strict (C_i y - d_i <= 0)
+    strict: Optional[Tensor] = None
+    # the property as written, (C, d) in float64, when C and d are a rounded working copy
+    exact: Optional[tuple] = None
 
     def __post_init__(self):
         if self.C.dim() not in (2, 3) or self.d.dim() != self.C.dim() - 1 or self.C.shape[:-1] != self.d.shape:
@@ -35,6 +40,8 @@ class Spec:
             rows = sorted(i for g in self.groups for i in g)
             if not rows or rows[0] < 0 or rows[-1] >= self.num_rows or any(len(g) == 0 for g in self.groups):
                 raise SpecError("spec groups must be non-empty lists of valid row indices")
+        if self.strict is not None and tuple(self.strict.shape) != (self.num_rows,):
+            raise SpecError(f"spec strict flags must have one entry per row, got {tuple(self.strict.shape)}")
 
     @property
     def num_rows(self) -> int:
@@ -48,6 +55,15 @@ class Spec:
     def group_list(self) -> list[tuple[int, ...]]:
         return [tuple(g) for g in self.groups] if self.groups is not None else [(i,) for i in range(self.num_rows)]
 
+    @property
+    def exact_C(self) -> Tensor:
+        """C as written, in float64 (equal to C when C was never rounded)."""
+        return self.exact[0] if self.exact is not None else self.C.double()
+
+    @property
+    def exact_d(self) -> Tensor:
+        return self.exact[1] if self.exact is not None else self.d.double()
+
     @classmethod
     def robustness(cls, labels: Tensor, num_classes: int, dtype=torch.float32) -> "Spec":
         """Margins y_label - y_j for all j != label, one row per j (per sample)."""
@@ -60,27 +76,43 @@ class Spec:
             C[b, :, t] = 1.0
         return cls(C, torch.zeros(B, m, dtype=dtype, device=labels.device))
 
+    def _with(self, C, d, exact) -> "Spec":
+        return Spec(C, d, self.groups, self.strict, exact)
+
     def to(self, device=None, dtype=None) -> "Spec":
-        d = self.d.to(device=device, dtype=dtype)
-        if dtype is not None and d.dtype != self.d.dtype:
-            # round thresholds up, never down: proving C y > d_rounded must imply C y > d
+        """The spec on another device / in another dtype. Values always come from the exact
+        (float64) property: C is rounded to nearest, thresholds d upwards (proving C y > d_up
+        implies C y > d); the exact copy travels along, so verdicts and re-checks can use it."""
+        exact = self.exact
+        if exact is None and dtype is not None and dtype != self.C.dtype:
+            exact = (self.C.double(), self.d.double())
+        if exact is not None:
+            exact = (exact[0].to(device=device), exact[1].to(device=device))
+        if dtype is None or exact is None:
+            return self._with(self.C.to(device=device, dtype=dtype), self.d.to(device=device, dtype=dtype), exact)
+        C, d64 = exact[0].to(dtype), exact[1]
+        d = d64.to(dtype)
+        if dtype != torch.float64:
             up = torch.nextafter(d, torch.full_like(d, float("inf")))
-            d = torch.where(d.to(self.d.dtype) < self.d.to(d.device), up, d)
-        return Spec(self.C.to(device=device, dtype=dtype), d, self.groups)
+            d = torch.where(d.double() < d64, up, d)
+        exact_needed = dtype != torch.float64
+        return self._with(C, d, exact if exact_needed else None)
 
     def select(self, idx) -> "Spec":
         if self.C.dim() == 2:
             return self
-        return Spec(self.C[idx], self.d[idx], self.groups)
+        exact = None if self.exact is None else (self.exact[0][idx], self.exact[1][idx])
+        return self._with(self.C[idx], self.d[idx], exact)
 
     def expand(self, batch: int) -> "Spec":
         """Per-sample form (B, m, n)."""
         if self.C.dim() == 3:
             return self
-        return Spec(self.C.expand(batch, -1, -1), self.d.expand(batch, -1), self.groups)
+        exact = None if self.exact is None else (self.exact[0].expand(batch, -1, -1), self.exact[1].expand(batch, -1))
+        return self._with(self.C.expand(batch, -1, -1), self.d.expand(batch, -1), exact)
 
     def values(self, y: Tensor) -> Tensor:
-        """Row values C y - d for concrete outputs y (B, n) -> (B, m)."""
+        """Row values C y - d for concrete outputs y (B, n) -> (B, m), in the working dtype."""
         y = y.reshape(y.shape[0], -1)
         if self.C.dim() == 2:
             return y @ self.C.T - self.d
@@ -91,17 +123,40 @@ class Spec:
         per_group = [rows_ok[:, list(g)].any(dim=1) for g in self.group_list]
         return torch.stack(per_group, dim=1).all(dim=1)
 
-    def holds_given_lower(self, lower: Tensor) -> Tensor:
+    def holds_given_lower(self, lower: Tensor, guard: Optional[Tensor] = None) -> Tensor:
         """Sound verdict from lower bounds of the rows: True means proven for that sample.
 
-        Bounds are computed in floating point without outward rounding, so a lower bound within
-        rounding distance of zero is no proof: it must exceed a small guard (about 100 ulps of
-        float32, relative to 1 + |bound|)."""
-        return self._reduce(lower > float_guard(lower))
+        A lower bound must clear `guard` (B, m): the floating-point error of the computation
+        that produced it, derived from the magnitudes flowing through the network
+        (`verikit.rounding.verdict_guard`). It never drops below the old relative guard (about
+        100 ulps of float32, relative to 1 + |bound|)."""
+        floor = float_guard(lower)
+        g = floor if guard is None else torch.maximum(floor, guard.to(device=lower.device, dtype=lower.dtype))
+        return self._reduce(lower > g)
+
+    def exact_values(self, y: Tensor) -> Tensor:
+        """Row values of the exact property, C y - d in float64, for concrete outputs y."""
+        y = y.reshape(y.shape[0], -1).to(torch.float64)
+        C, d = self.exact_C.to(y.device), self.exact_d.to(y.device)
+        if C.dim() == 2:
+            return y @ C.T - d
+        return torch.einsum("bmn,bn->bm", C, y) - d
 
     def violated_by(self, y: Tensor) -> Tensor:
-        """Concrete check: does output y violate the property (some group with all rows <= 0)?"""
-        return ~self._reduce(self.values(y) > 0)
+        """Concrete check of the exact property: does output y lie in the unsafe region (some group
+        whose rows are all <= 0, or < 0 for strict rows)? Rows whose float64 value is within its
+        rounding error of 0 are decided in exact rational arithmetic."""
+        vals = self.exact_values(y)
+        y64 = y.reshape(y.shape[0], -1).to(torch.float64)
+        C, d = self.exact_C.to(y64.device), self.exact_d.to(y64.device)
+        mag = (y64.abs() @ C.abs().T if C.dim() == 2 else torch.einsum("bmn,bn->bm", C.abs(), y64.abs())) + d.abs()
+        close = vals.abs() <= 4 * (self.num_outputs + 2) * 2.0 ** -53 * mag
+        sign = torch.sign(vals)
+        for b, i in close.nonzero().tolist():
+            sign[b, i] = _exact_sign(C[b, i] if C.dim() == 3 else C[i], y64[b], d[b, i] if d.dim() == 2 else d[i])
+        strict = self.strict.to(sign.device) if self.strict is not None else torch.zeros(self.num_rows, dtype=torch.bool)
+        unsafe = torch.where(strict, sign < 0, sign <= 0)
+        return ~self._reduce(~unsafe)
 
     def margin(self, lower: Tensor) -> Tensor:
         """A scalar per sample that is > 0 iff the property is proven: min over groups of max over rows."""
@@ -109,8 +164,18 @@ class Spec:
         return torch.stack(per_group, dim=1).min(dim=1).values
 
 
+def _exact_sign(c: Tensor, y: Tensor, d: Tensor) -> float:
+    """sign(c . y - d) in exact rational arithmetic (every float64 is a rational)."""
+    from fractions import Fraction
+
+    total = sum((Fraction(float(a)) * Fraction(float(b)) for a, b in zip(c.tolist(), y.tolist()) if a != 0),
+                Fraction(0)) - Fraction(float(d))
+    return float((total > 0) - (total < 0))
+
+
 def float_guard(x: Tensor) -> Tensor:
-    """The margin a bound must clear to count as a proof: rounding slack for x's dtype."""
+    """The smallest margin a bound must clear to count as a proof, whatever else is known:
+    rounding slack for x's dtype relative to the bound itself."""
     rel = 1e-5 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-10
     return rel * (1.0 + x.detach().abs())
 
@@ -134,13 +199,16 @@ def fold_spec(graph: Graph, spec: Optional[Spec]) -> Graph:
         raise SpecError(f"spec has {spec.num_outputs} output columns, the model has {n_out} outputs")
     last = graph.node(graph.output) if graph.output != graph.input_name else None
     users = graph.consumers().get(graph.output, [])
+    # the folded graph remembers its spec (with the exact property), so that the rounding
+    # error of the spec's own working copy can be charged to the verdict (verikit.rounding)
+    meta = {**graph.meta, "spec": spec}
     if last is not None and isinstance(last.op, Linear) and last.op.weight.dim() == 2 and not users \
             and len(graph.shapes[last.inputs[0]]) == 1:
         op = FoldedSpecLinear(last.op.weight, last.op.bias, spec.C, spec.d)
         node = Node(SPEC_NODE, op, last.inputs)
         nodes = [n for n in graph.nodes if n is not last]
         return Graph(graph.input_name, graph.input_shape, nodes + [node], SPEC_NODE,
-                     {**graph.shapes, SPEC_NODE: (spec.num_rows,)}, graph.source, graph.meta)
+                     {**graph.shapes, SPEC_NODE: (spec.num_rows,)}, graph.source, meta)
     extra = []
     src = graph.output
     if len(graph.output_shape) != 1:
@@ -148,7 +216,8 @@ def fold_spec(graph: Graph, spec: Optional[Spec]) -> Graph:
         extra.append(Node("__spec_flatten__", Reshape((n_out,)), (src,)))
         src = "__spec_flatten__"
     extra.append(Node(SPEC_NODE, Linear(spec.C, -spec.d), (src,)))
-    return graph.replace_output(extra, SPEC_NODE, {"__spec_flatten__": (n_out,), SPEC_NODE: (spec.num_rows,)})
+    shapes = {**graph.shapes, "__spec_flatten__": (n_out,), SPEC_NODE: (spec.num_rows,)}
+    return Graph(graph.input_name, graph.input_shape, list(graph.nodes) + extra, SPEC_NODE, shapes, graph.source, meta)
 
 
 class FoldedSpecLinear(Linear):
