@@ -58,6 +58,7 @@ class ChainConfig:
     timeout: Optional[float] = None  # seconds per sample
     onnx_path: Optional[str] = None  # re-check counterexamples with onnxruntime on this file
     onnx_input: Optional[Callable[[Tensor], Tensor]] = None  # chain input -> ONNX model input
+    sound: bool = False  # float-sound mode: every domain must support it (Domain.float_sound)
 
 
 class Chain:
@@ -69,10 +70,14 @@ class Chain:
         self.graph = graph
         self.config = config
         self.stages = []  # (name, class, options)
+        if config.sound:
+            check_sound_domains(config.domains)
         for name in config.domains:
             cls = get_domain_class(name)
             given = config.domain_options.get(name, {})
             opts = {k: v for k, v in given.items() if k in cls.options and v is not None}
+            if config.sound:
+                opts["sound"] = True
             self.stages.append((name, cls, opts))
 
     # ------------------------------------------------------------------ public
@@ -160,6 +165,7 @@ class Chain:
         except Exception as e:  # a domain bug or unsupported case must not end in a traceback
             raise VerikitError(f"domain {name!r} failed on this model ({type(e).__name__}: {e})") from None
         share = (time.perf_counter() - t0) / len(idx)
+        res.ensure_guard(self.graph, sub_spec, box[idx])  # a plug-in's bounds face the same rounding guard
         verified = res.verified(sub_spec)
         margins = sub_spec.margin(res.lower.detach()).cpu() if res.lower is not None else None
         for k, i in enumerate(idx):
@@ -211,6 +217,17 @@ class Chain:
             spec64 = spec.to(device="cpu", dtype=torch.float64)
             theirs = spec64.violated_by(torch.from_numpy(outputs.astype(np.float64)))
         return [(bool(inside[k] and ours[k] and theirs[k]), outputs[k]) for k in range(x.shape[0])]
+
+
+def check_sound_domains(names: list) -> None:
+    """The float-sound mode needs every domain of the chain to support it: refuse the others."""
+    from verikit.domains import available_domains
+
+    domains = available_domains()
+    lacking = [n for n in names if n in domains and not domains[n].float_sound]
+    if lacking:
+        able = ", ".join(n for n, c in domains.items() if c.float_sound)
+        raise VerikitError(f"--sound: domain(s) {', '.join(lacking)} have no float-sound mode (domains that do: {able})")
 
 
 def _positions(order: list, wanted: list) -> list:

@@ -105,10 +105,12 @@ def _chain_config(flags: dict, vnn: bool = False):
     that a bad option value is reported now, not after hours of work."""
     from verikit.domains import get_domain_class
 
-    from .chain import ChainConfig
+    from .chain import ChainConfig, check_sound_domains
     from .domain_options import merge_options, parse_domain_options
 
     domains = _domain_names(flags["domains"])
+    if flags["sound"]:
+        check_sound_domains(domains)
     _seconds(flags["timeout"], "--timeout")
     _check_device(flags["device"])
     explicit = parse_domain_options(flags["domain_option"], domains)
@@ -119,7 +121,8 @@ def _chain_config(flags: dict, vnn: bool = False):
     # VNN-LIB boxes are wide and have few inputs: many cheap parallel starts pay off there
     return ChainConfig(domains=domains, domain_options=options, attack=flags["attack"],
                        attack_steps=flags["attack_steps"] or (100 if vnn else 20),
-                       attack_restarts=flags["attack_restarts"] or (200 if vnn else 2), timeout=flags["timeout"])
+                       attack_restarts=flags["attack_restarts"] or (200 if vnn else 2), timeout=flags["timeout"],
+                       sound=flags["sound"])
 
 
 def _chain_options(f):
@@ -142,6 +145,9 @@ def _chain_options(f):
                      help="MILP back-end (milp.solver)  [default: auto]"),
         click.option("--milp-threads", type=click.IntRange(0), default=None, show_default=False,
                      help="MILP solver threads, 0 = the solver's choice (milp.threads)  [default: 1]"),
+        click.option("--sound", is_flag=True,
+                     help="float-sound mode: proofs also hold for the network as executed in float32 "
+                          "(box, deeppoly, crown; other domains are refused)"),
         click.option("--device", default="cpu", help="cpu, cuda, cuda:1, ..."),
         click.option("--threads", type=click.IntRange(0), default=1,
                      help="torch CPU threads; 0 = torch's default (all cores). 1 is fastest for these "
@@ -154,7 +160,7 @@ def _chain_options(f):
 
 
 _CHAIN_FLAGS = ("domains", "domain_option", "timeout", "attack", "attack_steps", "attack_restarts", "alpha_steps",
-                "milp_solver", "milp_threads", "device", "threads", "quiet")
+                "milp_solver", "milp_threads", "sound", "device", "threads", "quiet")
 
 
 def _split_flags(kwargs: dict) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import Tensor
@@ -39,14 +39,30 @@ class DomainResult:
     status: Optional[list] = None
     counterexamples: Optional[list] = None
     info: dict = field(default_factory=dict)
+    # (B, m): a lower bound must exceed it to count as a proof (verikit.domains.guard); domains
+    # give either the tensor or a function computing it on demand (verdicts only, not training)
+    guard: Optional[Tensor] = None
+    guard_fn: Optional[Callable[[], Tensor]] = None
 
     def verified(self, spec: Optional[Spec]) -> Tensor:
-        """Per sample: is the property proven? (Uses `status` when the domain gave one.)"""
+        """Per sample: is the property proven? (Uses `status` when the domain gave one.) Lower
+        bounds must clear the rounding guard (`verikit.domains.guard`)."""
         if self.status is not None:
             return torch.tensor([s == VERIFIED for s in self.status], dtype=torch.bool)
         if spec is None:
             raise VerikitError("no spec given: bounds only, nothing to verify")
-        return spec.holds_given_lower(self.lower).cpu()
+        if self.guard is None and self.guard_fn is not None:
+            self.guard = self.guard_fn()
+        return spec.holds_given_lower(self.lower.detach(), self.guard).cpu()
+
+    def ensure_guard(self, graph: Graph, spec: Spec, inputs: Box) -> None:
+        """For results without a guard (plug-in domains): the interval guard from a box pass."""
+        if self.guard is None and self.guard_fn is None and self.status is None:
+            from verikit.spec import fold_spec
+
+            from .guard import interval_guard
+
+            self.guard = interval_guard(fold_spec(graph, spec), None, inputs)
 
 
 def check_domain_result(cls: type, result, spec: Optional[Spec], batch: int) -> "DomainResult":
@@ -103,6 +119,9 @@ class Domain(ABC):
     description: ClassVar[str] = ""
     complete: ClassVar[bool] = False  # can it decide every property (given time)?
     differentiable: ClassVar[bool] = False  # are its bounds differentiable w.r.t. parameters?
+    # does it support the float-sound mode (option `sound`): proofs that also hold for the
+    # network as executed in float32 (see verikit.domains.float_sound)?
+    float_sound: ClassVar[bool] = False
     options: ClassVar[dict] = {}  # option name -> default
 
     def __init__(self, **options):

@@ -6,7 +6,7 @@ torch, so bounds are differentiable (for IBP/SABR training) and run on any devic
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -16,6 +16,7 @@ from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
+from .guard import interval_guard
 
 
 def _affine_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
@@ -44,13 +45,21 @@ def _rule_for(op: ir.Op) -> Callable:
     raise VerikitError(f"box domain has no rule for {op.op_type}")
 
 
-def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = None, ctx=None) -> BoundStore:
-    """Interval bounds for every node of `graph`; intersected with (and written into) `store`."""
+def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = None, ctx=None,
+                  widen: Union[None, dict, Callable] = None) -> BoundStore:
+    """Interval bounds for every node of `graph`; intersected with (and written into) `store`.
+
+    `widen` (the float-sound mode) enlarges each node's interval by a radius: a dict node ->
+    radius, or a function (node, input boxes, output box) -> radius or None."""
     graph.check_input(inputs.lo)
     store = store if store is not None else BoundStore()
     boxes = {graph.input_name: store.update(graph.input_name, inputs)}
     for node in graph.nodes:
-        out = _rule_for(node.op)(node.op, [boxes[i] for i in node.inputs], ctx)
+        ins = [boxes[i] for i in node.inputs]
+        out = _rule_for(node.op)(node.op, ins, ctx)
+        r = None if widen is None else (widen.get(node.name) if isinstance(widen, dict) else widen(node, ins, out))
+        if r is not None:
+            out = Box(out.lo - r, out.hi + r)
         boxes[node.name] = store.update(node.name, out)
     return store
 
@@ -61,10 +70,20 @@ class BoxDomain(Domain):
     description = "interval bound propagation (IBP): fastest, loosest, differentiable"
     complete = False
     differentiable = True
+    float_sound = True
+    options = {"sound": False}  # float-sound mode (verikit.domains.float_sound)
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
-        folded = fold_spec(graph, spec)
-        store = propagate_box(folded, inputs, store, ctx)
+        errors = None
+        if self.config["sound"]:  # float64 copies, widened intervals and their error radii
+            from .float_sound import sound_setup
+
+            folded, inputs, store, errors = sound_setup(graph, inputs, spec, store, ctx)
+        else:
+            folded = fold_spec(graph, spec)
+        store = propagate_box(folded, inputs, store, ctx, widen=errors)
         out = store[folded.output]
         lo, hi = out.lo.reshape(out.lo.shape[0], -1), out.hi.reshape(out.hi.shape[0], -1)
-        return DomainResult(lo, hi, store)
+        if errors is not None:  # float-sound: the widened intervals already contain every rounding
+            return DomainResult(lo, hi, store, guard=torch.zeros_like(lo))
+        return DomainResult(lo, hi, store, guard_fn=lambda: interval_guard(folded, store))

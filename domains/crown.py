@@ -20,6 +20,7 @@ from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
+from .guard import engine_guard
 from .deeppoly import DEFAULT_MAX_ROWS
 from .linear_bounds import LinearBoundEngine, finish, output_bounds, prepare
 
@@ -70,7 +71,9 @@ class CrownDomain(Domain):
     description = "CROWN linear bounds; alpha_steps>0 optimises ReLU lower slopes (alpha-CROWN)"
     complete = False
     differentiable = False
-    options = {"alpha_steps": 0, "alpha_lr": 0.1, "max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True}
+    float_sound = True
+    options = {"alpha_steps": 0, "alpha_lr": 0.1, "max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True,
+               "sound": False}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -81,14 +84,20 @@ class CrownDomain(Domain):
             raise VerikitError(f"alpha_lr must be a positive number, got {lr!r}")
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
-        folded = fold_spec(graph, spec)
+        errors = None
+        if self.config["sound"]:  # float64 copies and per-node float32 error radii
+            from .float_sound import sound_setup
+
+            folded, inputs, store, errors = sound_setup(graph, inputs, spec, store, ctx)
+        else:
+            folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "crown", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"])
+                             self.config["spatial_windows"], errors)
             raw_lo, raw_hi = output_bounds(engine)
         info = {"crown_lower": raw_lo, "rows_bounded": engine.rows_bounded}
         if self.config["alpha_steps"] > 0:
             raw_lo = optimise_alpha(engine, raw_lo, self.config["alpha_steps"], float(self.config["alpha_lr"]))
         info["backsub_lower"] = raw_lo
         lo, hi = finish(engine, raw_lo, raw_hi)
-        return DomainResult(lo, hi, engine.store, info=info)
+        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None))

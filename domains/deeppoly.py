@@ -12,6 +12,7 @@ import torch
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
+from .guard import engine_guard
 from .linear_bounds import finish, output_bounds, prepare
 
 DEFAULT_MAX_ROWS = 4096
@@ -23,14 +24,21 @@ class DeepPolyDomain(Domain):
     description = "DeepPoly back-substitution to the input for every layer (ERAN relaxations)"
     complete = False
     differentiable = False
-    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True}
+    float_sound = True
+    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True, "sound": False}
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
-        folded = fold_spec(graph, spec)
+        errors = None
+        if self.config["sound"]:  # float64 copies and per-node float32 error radii
+            from .float_sound import sound_setup
+
+            folded, inputs, store, errors = sound_setup(graph, inputs, spec, store, ctx)
+        else:
+            folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "deeppoly", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"])
+                             self.config["spatial_windows"], errors)
             raw_lo, raw_hi = output_bounds(engine)
         lo, hi = finish(engine, raw_lo, raw_hi)
         info = {"backsub_lower": raw_lo, "rows_bounded": engine.rows_bounded}
-        return DomainResult(lo, hi, engine.store, info=info)
+        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None))

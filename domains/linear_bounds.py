@@ -101,7 +101,8 @@ class LinearBoundEngine:
     hold bounds for every node, e.g. from `propagate_box`)."""
 
     def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
-                 variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True):
+                 variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True,
+                 errors: Optional[dict] = None):
         if max_rows_per_chunk < 2:
             raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
         self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
@@ -113,6 +114,9 @@ class LinearBoundEngine:
         self.device, self.dtype = inp.lo.device, inp.lo.dtype
         self._affine: dict[str, tuple] = {}
         self._relax: dict[str, object] = {}
+        # node -> radius (B, *shape) by which the node's value may differ from its op's exact
+        # result (float-sound mode): it loosens every bound through that node by <|lam|, radius>
+        self.errors = errors or {}
         self.rows_bounded = 0  # statistics, reported by the domains
         self.nodes_refined = 0
 
@@ -208,7 +212,12 @@ class LinearBoundEngine:
             t0, l0 = win.top * sh - ph, win.left * sw - pw  # input position of g's corner
             r0, r1 = max(t0, 0), min(t0 + g.shape[-2], H)
             c0, c1 = max(l0, 0), min(l0 + g.shape[-1], W)
-            g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
+            if r1 <= r0 or c1 <= c0:  # the window lies entirely in the padding: no input reaches it
+                r0, c0 = min(r0, H - 1), min(c0, W - 1)
+                r1, c1 = r0 + 1, c0 + 1
+                g = torch.zeros(g.shape[:-2] + (1, 1), device=g.device, dtype=g.dtype)
+            else:
+                g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
             g = Window(g.reshape((B, m) + g.shape[1:]), r0, c0)
             const = win.lam.sum((-2, -1)) @ op.bias if op.bias is not None else None
             return (g,), const
@@ -240,6 +249,10 @@ class LinearBoundEngine:
             lam_n = pending.pop(node.name, None)
             if lam_n is None:
                 continue
+            if node.name in self.errors:
+                err = self.errors[node.name]
+                const = const - (_flat_dot(lam_n.lam.abs(), lam_n.region(err)) if isinstance(lam_n, Window)
+                                 else _flat_dot(lam_n.abs(), err))
             out = None
             if isinstance(lam_n, Window):
                 out = self._window_backward(node, lam_n, alphas)
@@ -392,7 +405,7 @@ class LinearBoundEngine:
             if self.box_is_exact(name):
                 continue
             self.refine_node(name)
-            propagate_box(self.graph, inputs, self.store, self.ctx)
+            propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None)
 
 
 def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -408,11 +421,12 @@ def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor
 
 
 def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
-            max_rows_per_chunk: int, spatial_windows: bool = True) -> LinearBoundEngine:
+            max_rows_per_chunk: int, spatial_windows: bool = True, errors: Optional[dict] = None) -> LinearBoundEngine:
     """Interval bounds first (reusing and tightening `store`), then back-substituted bounds for
-    every pre-activation node: the state both DeepPoly and CROWN bound the output from."""
-    store = propagate_box(graph, inputs, store, ctx)
-    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows)
+    every pre-activation node: the state both DeepPoly and CROWN bound the output from.
+    `errors`: per-node error radii of the float-sound mode (see LinearBoundEngine)."""
+    store = propagate_box(graph, inputs, store, ctx, widen=errors)
+    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows, errors)
     engine.refine_intermediate()
     return engine
 

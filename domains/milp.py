@@ -25,6 +25,8 @@ from verikit.spec import Spec, fold_spec
 
 from .base import FALSIFIED, UNKNOWN, VERIFIED, Domain, DomainResult, available_domains, get_domain, register_domain
 from .box import propagate_box
+from .guard import backsub_guard
+from .linear_bounds import LinearBoundEngine
 from .milp_encoding import Encoding, JacobianCache, MilpModel, check_supported, encode, pad
 from .milp_solvers import HighsBackend, Solver, SolverOptions
 
@@ -81,6 +83,11 @@ class MilpDomain(Domain):
             with torch.no_grad():  # tighter big-M constants; the store only ever tightens
                 store = get_domain(pre).bound(graph, inputs, spec, store, ctx).store
         store = propagate_box(folded, inputs, store, ctx)
+        # a row is proven only above its rounding guard (verikit.domains.guard) plus the
+        # solver's tolerance; the same thresholds decide bound-proven groups and MILP queries
+        with torch.no_grad():
+            guard = backsub_guard(LinearBoundEngine(folded, store, ctx))
+        thresholds = guard.detach().double().cpu().numpy() + PROOF_MARGIN
         out = store[folded.output]
         B = inputs.lo.shape[0]
         lower = out.lo.detach().reshape(B, -1).clone()
@@ -97,7 +104,8 @@ class MilpDomain(Domain):
 
                 st, cex, lo_b, info = split_sample(self, graph, folded, spec, store, b, jac, ctx, deadline)
             else:
-                st, cex, lo_b, info = self._sample(graph, folded, spec, store, b, jac, ctx, deadline)
+                st, cex, lo_b, info = self._sample(graph, folded, spec, store, b, jac, ctx, deadline,
+                                                   thresholds[b])
             lower[b] = torch.maximum(lower[b], torch.as_tensor(lo_b, dtype=lower.dtype))
             statuses.append(st)
             cexs.append(cex)
@@ -108,7 +116,8 @@ class MilpDomain(Domain):
         return DomainResult(lower, upper, store, status=statuses, counterexamples=cexs, info=info)
 
     # ------------------------------------------------------------ one sample
-    def _sample(self, graph, folded, spec, store, b, jac, ctx, deadline):
+    def _sample(self, graph, folded, spec, store, b, jac, ctx, deadline, thr):
+        """Decide sample b; a row counts as proven when it exceeds thr (m,) everywhere."""
         t0 = time.perf_counter()
         tightener = self._tightener(min(deadline, t0 + float(self.config["tighten_time"])))
         enc = encode(folded, store, b, jac, tightener, ctx)
@@ -121,13 +130,11 @@ class MilpDomain(Domain):
         info = {"solvers": set(), "queries": 0, "binaries": enc.num_binaries,
                 "variables": enc.model.num_vars(), "constraints": enc.model.num_rows()}
         spec_b = spec.select([b])
-        results = {}
         if self.config["exact_bounds"]:
             for r in range(out_lo.size):
                 res = self._query(enc, (r,), out_lo, out_hi, deadline, early=False)
                 info["solvers"].add(res.solver)
                 info["queries"] += 1
-                results[(r,)] = res
                 if res.status == "optimal" or res.bound > -math.inf:
                     lower[r] = max(lower[r], res.bound)
                 info.setdefault("argmin", {})[r] = None if res.x is None else res.x[enc.input_vars].copy()
@@ -135,24 +142,33 @@ class MilpDomain(Domain):
         # the groups most likely violated first: a counterexample ends the sample early
         groups = sorted(spec.group_list, key=lambda g: out_lo[list(g)].max())
         for g in groups:
-            if out_lo[list(g)].max() > PROOF_MARGIN:
-                continue  # proven by the bounds already (with the same rounding slack as the solver)
+            rows = list(g)
+            if (lower[rows] - thr[rows]).max() > 0:
+                continue  # proven by the bounds already (with the same thresholds as the solver)
             if time.perf_counter() >= deadline:
                 status = UNKNOWN
                 break
-            res = results.get(tuple(g)) or self._query(enc, tuple(g), out_lo, out_hi, deadline, early=True)
-            if tuple(g) not in results:
-                info["solvers"].add(res.solver)
-                info["queries"] += 1
-            if len(g) == 1:
-                lower[g[0]] = max(lower[g[0]], res.bound)
-            if res.bound > PROOF_MARGIN:
+            # minimise max over the group's rows of (row - threshold): > 0 proves the group; the
+            # solver stops early once every row is <= -PROOF_MARGIN (a candidate violation)
+            res = self._query(enc, g, out_lo, out_hi, deadline, early=True, shift=thr,
+                              stop_below=-thr[rows].max() - PROOF_MARGIN)
+            info["solvers"].add(res.solver)
+            info["queries"] += 1
+            if len(g) == 1 and res.bound > -math.inf:
+                lower[g[0]] = max(lower[g[0]], res.bound + thr[g[0]])
+            if res.bound > 0:
                 continue
-            if res.x is not None and res.objective <= 0:
-                x = self._confirm(graph, spec_b, enc, res.x, store, b)
-                if x is not None:
-                    status, cex = FALSIFIED, x
-                    break
+            x = self._confirm(graph, spec_b, enc, res.x, store, b) if res.x is not None and res.objective <= 0 else None
+            if x is None and len(g) > 1 and res.status in ("optimal", "stopped") and time.perf_counter() < deadline:
+                # thresholds differ per row: the point nearest to a proof need not be the most
+                # violating one, so search the unshifted rows for a counterexample
+                res = self._query(enc, g, out_lo, out_hi, deadline, early=True)
+                info["queries"] += 1
+                if res.x is not None and res.objective <= 0:
+                    x = self._confirm(graph, spec_b, enc, res.x, store, b)
+            if x is not None:
+                status, cex = FALSIFIED, x
+                break
             status = UNKNOWN  # timed out, or a candidate that did not survive the re-check
             if res.status not in ("optimal", "stopped", "infeasible"):
                 break  # out of time: the remaining groups cannot be decided either
@@ -160,20 +176,26 @@ class MilpDomain(Domain):
         info["status"] = status
         return status, cex, lower, info
 
-    def _query(self, enc: Encoding, rows: tuple, out_lo, out_hi, deadline, early: bool):
+    def _query(self, enc: Encoding, rows: tuple, out_lo, out_hi, deadline, early: bool, shift=None,
+               stop_below: float = -PROOF_MARGIN):
+        """min over the model of max over `rows` of (row - shift[row]) (shift: 0 by default).
+        `early`: stop once the bound is > 0 (proven) or a solution <= stop_below is found."""
         model, expr = enc.model, enc.output
         remaining = max(deadline - time.perf_counter(), 1e-3)
-        stops = dict(stop_above=PROOF_MARGIN, stop_below=-PROOF_MARGIN) if early else {}
+        stops = dict(stop_above=0.0, stop_below=stop_below) if early else {}
+        idx = list(rows)
+        c0 = expr.c[idx] - (0.0 if shift is None else np.asarray(shift)[idx])
         if len(rows) == 1:
             (r,) = rows
             c = np.asarray(pad(expr.A[r], model.num_vars()).todense()).reshape(-1)
-            return self.solver.solve(model, c, float(expr.c[r]), time_limit=remaining, **stops)
+            return self.solver.solve(model, c, float(c0[0]), time_limit=remaining, **stops)
         m = model.copy()
-        idx = list(rows)
-        (t,) = m.add_vars([out_lo[idx].max()], [out_hi[idx].max()])
+        lo_t = (out_lo[idx] - (0.0 if shift is None else np.asarray(shift)[idx])).max()
+        hi_t = (out_hi[idx] - (0.0 if shift is None else np.asarray(shift)[idx])).max()
+        (t,) = m.add_vars([lo_t], [hi_t])
         nv = m.num_vars()
         T = sp.csr_matrix((np.ones(len(idx)), (np.arange(len(idx)), np.full(len(idx), t))), shape=(len(idx), nv))
-        m.add_rows(T - pad(expr.A[idx], nv), expr.c[idx], np.inf)  # t >= row_i
+        m.add_rows(T - pad(expr.A[idx], nv), c0, np.inf)  # t >= row_i - shift_i
         c = np.zeros(nv)
         c[t] = 1.0
         return self.solver.solve(m, c, 0.0, time_limit=remaining, **stops)
@@ -223,14 +245,15 @@ def confirm_counterexample(graph, spec_b: Spec, x: torch.Tensor) -> bool:
     by onnxruntime too?"""
     with torch.no_grad():
         y = graph.forward(x).reshape(1, -1).double()
-    s64 = spec_b.to(dtype=torch.float64)
+    s64 = spec_b.to(dtype=torch.float64)  # the exact property (violated_by always uses it)
     if not bool(s64.violated_by(y)[0]):
         return False
     src = str(getattr(graph, "source", "") or "")
     if src.endswith(".onnx") and os.path.exists(src):
-        from verikit.onnx_check import evaluate_with_onnxruntime
+        from verikit.onnx_check import evaluate_with_onnxruntime, onnx_feed
 
-        y_ort = torch.from_numpy(evaluate_with_onnxruntime(src, x, graph)).double()
+        # the file's own input: with --mean/--std the graph starts with the normalisation
+        y_ort = torch.from_numpy(evaluate_with_onnxruntime(src, onnx_feed(graph, x), graph)).double()
         if not bool(s64.to(device="cpu").violated_by(y_ort)[0]):
             return False
     return True

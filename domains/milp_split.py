@@ -21,6 +21,7 @@ from verikit.spec import Spec, fold_spec
 
 from .base import FALSIFIED, UNKNOWN, VERIFIED, available_domains, get_domain
 from .box import propagate_box
+from .guard import interval_guard
 from .milp_encoding import JacobianCache
 
 BATCH = 32  # sub-boxes bounded together
@@ -56,7 +57,7 @@ def _split_dim(graph, spec_b, lo, hi) -> int:
 
 
 def split_sample(domain, graph, folded, spec, store, b, jac, ctx, deadline):
-    from .milp import confirm_counterexample
+    from .milp import PROOF_MARGIN, confirm_counterexample
 
     t0 = time.perf_counter()
     spec_b = spec.select([b])
@@ -90,8 +91,10 @@ def split_sample(domain, graph, folded, spec, store, b, jac, ctx, deadline):
         with torch.no_grad():
             res = cheap.bound(graph, Box(lo, hi), spec_b, sub, ctx)
             sub = propagate_box(folded_b, Box(lo, hi), sub, ctx)  # every node bounded, intersected
-        proven = spec_b.holds_given_lower(sub[folded_b.output].lo.reshape(len(batch), -1)) | \
-            spec_b.holds_given_lower(res.lower)
+        proven = res.verified(spec_b)  # computes the rounding guard of these bounds (res.guard)
+        guard = res.guard if res.guard is not None else interval_guard(folded_b, sub)
+        proven = proven | spec_b.holds_given_lower(sub[folded_b.output].lo.reshape(len(batch), -1), guard)
+        thresholds = guard.detach().double().cpu().numpy() + PROOF_MARGIN
         unstable = _unstable_counts(folded_b, sub, len(batch))
         for i in range(len(batch)):
             if bool(proven[i]):
@@ -100,7 +103,7 @@ def split_sample(domain, graph, folded, spec, store, b, jac, ctx, deadline):
             if unstable[i] <= MILP_MAX_UNSTABLE or (hi[i] - lo[i]).max() <= 1e-6:
                 leaf_deadline = min(deadline, time.perf_counter() + LEAF_TIME)
                 verdict, leaf_cex, _, leaf_info = domain._sample(graph, folded_b, spec_b, sub.select([i]), 0,
-                                                                 jac_b, ctx, leaf_deadline)
+                                                                 jac_b, ctx, leaf_deadline, thresholds[i])
                 info["milp_leaves"] += 1
                 info["queries"] += leaf_info["queries"]
                 info["solvers"] |= leaf_info["solvers"]

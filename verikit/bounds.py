@@ -125,6 +125,9 @@ class BoundStore:
 
     def __init__(self):
         self._boxes: dict[str, Box] = {}
+        # True when the boxes contain every float32 execution (float-sound mode), not only the
+        # real-arithmetic values: only such a store may be refined by a float-sound domain
+        self.float_sound = False
 
     def update(self, name: str, box: Box) -> Box:
         old = self._boxes.get(name)
@@ -153,10 +156,12 @@ class BoundStore:
     def detach(self) -> "BoundStore":
         out = BoundStore()
         out._boxes = {k: v.detach() for k, v in self._boxes.items()}
+        out.float_sound = self.float_sound
         return out
 
     def select(self, idx) -> "BoundStore":
         """The bounds of a subset of the batch (e.g. the samples still undecided)."""
         out = BoundStore()
         out._boxes = {k: v[idx] for k, v in self._boxes.items()}
+        out.float_sound = self.float_sound
         return out
