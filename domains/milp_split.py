@@ -17,7 +17,7 @@ import torch
 
 from verikit import ir
 from verikit.bounds import Box, BoundStore
-from verikit.spec import Spec, fold_spec
+from verikit.spec import fold_spec
 
 from .base import FALSIFIED, UNKNOWN, VERIFIED, available_domains, get_domain
 from .box import propagate_box
@@ -60,9 +60,7 @@ def split_sample(domain, graph, folded, spec, store, b, jac, ctx, deadline):
     from .milp import PROOF_MARGIN, confirm_counterexample
 
     t0 = time.perf_counter()
-    spec_b = spec.select([b])
-    if spec_b.C.dim() == 3:  # one sample's spec, shared by all its sub-boxes
-        spec_b = Spec(spec_b.C[0], spec_b.d[0], spec_b.groups)
+    spec_b = spec.for_sample(b)  # one sample's spec, shared by all its sub-boxes
     folded_b = fold_spec(graph, spec_b)
     jac_b = JacobianCache(folded_b, ctx)
     cheap = _cheap_domain()

@@ -45,6 +45,26 @@ class LinearRelaxation:
     alpha_range: tuple = (0.0, 1.0)
 
 
+# ---------------------------------------------------------------- rounding
+def _fit(slope: Tensor, bias: Tensor, points: list, f, above: bool) -> Tensor:
+    """The intercept moved just enough that the line is on the right side of f at `points`
+    (where a line can touch f), checked in float64 and rounded outward to bias's dtype: a line
+    computed in float32 can otherwise miss f by an ulp (e.g. the ReLU chord at x = l)."""
+    s64, b64 = slope.double(), bias.double()
+    sign = 1 if above else -1
+    gaps = []
+    for p in points:
+        fp, sp = f(p.double()), s64 * p.double()
+        # the float64 check is itself rounded: 4 units of 2^-53 of the magnitudes involved cover it
+        slack = 2.0 ** -51 * (fp.abs() + sp.abs() + b64.abs())
+        gaps.append(sign * (fp - (sp + b64)) + slack)
+    need = b64 + sign * torch.stack(gaps).amax(0).clamp(min=0)
+    out = need.to(bias.dtype)
+    wrong = out.double() < need if above else out.double() > need
+    away = torch.full_like(out, float("inf") if above else float("-inf"))
+    return torch.where(wrong, torch.nextafter(out, away), out)
+
+
 # ---------------------------------------------------------------- ReLU family
 def _leaky_relaxation(l: Tensor, u: Tensor, a: float) -> LinearRelaxation:
     """f(x) = x for x >= 0, a*x for x < 0 (a = 0: ReLU). Convex when a <= 1, concave when a > 1."""
@@ -58,13 +78,14 @@ def _leaky_relaxation(l: Tensor, u: Tensor, a: float) -> LinearRelaxation:
     free = torch.where(u > -l, one, torch.full_like(l, a))
     stable_slope = torch.where(active, one, torch.full_like(l, a))
     zero = torch.zeros_like(l)
+    f = lambda x: torch.where(x >= 0, x, a * x)
     if a <= 1:  # convex: chord above, free line below
         lo_s = torch.where(unstable, free, stable_slope)
         up_s = torch.where(unstable, chord, stable_slope)
-        up_b = torch.where(unstable, chord_bias, zero)
+        up_b = torch.where(unstable, _fit(chord, chord_bias, [l, u], f, above=True), zero)
         return LinearRelaxation(lo_s, zero, up_s, up_b, alpha_mask=unstable, alpha_range=(a, 1.0))
     lo_s = torch.where(unstable, chord, stable_slope)  # concave: chord below, free line above
-    lo_b = torch.where(unstable, chord_bias, zero)
+    lo_b = torch.where(unstable, _fit(chord, chord_bias, [l, u], f, above=False), zero)
     up_s = torch.where(unstable, free, stable_slope)
     return LinearRelaxation(lo_s, lo_b, up_s, zero)
 
@@ -149,8 +170,8 @@ def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> 
     # guard against rounding: where the line can touch f (end points, the inflection point),
     # move the intercept by any violation found, so the lines are sound in floating point
     probes = [l, u_safe, torch.clamp(torch.zeros_like(l), l, u_safe)]
-    lo_b = lo_b - torch.stack([(lo_s * p + lo_b - f(p)).clamp(min=0) for p in probes]).amax(0)
-    up_b = up_b + torch.stack([(f(p) - up_s * p - up_b).clamp(min=0) for p in probes]).amax(0)
+    lo_b = _fit(lo_s, lo_b, probes, f, above=False)
+    up_b = _fit(up_s, up_b, probes, f, above=True)
     zero = torch.zeros_like(l)
     # a point interval (or an almost-point) is bounded by constants: f is monotone
     return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, fl, lo_b),

@@ -104,6 +104,13 @@ class Spec:
         exact = None if self.exact is None else (self.exact[0][idx], self.exact[1][idx])
         return self._with(self.C[idx], self.d[idx], exact)
 
+    def for_sample(self, b: int) -> "Spec":
+        """Sample b's spec as one shared by a whole batch (C of shape (m, n))."""
+        if self.C.dim() == 2:
+            return self
+        exact = None if self.exact is None else (self.exact[0][b], self.exact[1][b])
+        return self._with(self.C[b], self.d[b], exact)
+
     def expand(self, batch: int) -> "Spec":
         """Per-sample form (B, m, n)."""
         if self.C.dim() == 3:
