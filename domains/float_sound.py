@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 from verikit import ir
@@ -35,11 +36,20 @@ from verikit.spec import Spec, fold_spec
 from .box import propagate_box
 
 _REL = 1.0 + 2.0 ** -50  # covers the float64 rounding of the radii themselves
+_PYTHON_FLOATS = {ir.Pad: ("value",), ir.LeakyReLU: ("alpha",), ir.BatchNorm: ("eps",)}
 
 
 def float64_copy(graph: ir.Graph) -> ir.Graph:
-    """The same graph with every tensor in float64 (exact: a float32 is a float64)."""
-    return graph if graph.dtype == torch.float64 else graph.to(dtype=torch.float64)
+    """The same graph with every tensor in float64 (exact: a float32 is a float64). Constants
+    held as Python floats (a Pad value, a LeakyReLU slope, BatchNorm's epsilon) are the float32
+    numbers the runtime uses, not the float64 ones they were written as."""
+    if graph.dtype == torch.float64:
+        return graph
+    g64 = graph.to(dtype=torch.float64)
+    for node in g64.nodes:
+        for name in _PYTHON_FLOATS.get(type(node.op), ()):
+            setattr(node.op, name, float(np.float32(getattr(node.op, name))))
+    return g64
 
 
 def sound_setup(graph: ir.Graph, inputs: Box, spec: Optional[Spec], store: Optional[BoundStore], ctx):

@@ -351,6 +351,9 @@ class LinearBoundEngine:
         if b is not None:
             b = b[..., rows].expand(B, -1)
             lb = lb + torch.cat([b, -b], 1)
+        if node.name in self.errors:  # the Linear's own error radius (skipped by starting at its input)
+            e = self.errors[node.name].reshape(B, -1)[:, rows]
+            lb = lb - torch.cat([e, e], 1)
         return lb
 
     def refine_node(self, name: str) -> Box:
