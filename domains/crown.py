@@ -100,4 +100,4 @@ class CrownDomain(Domain):
             raw_lo = optimise_alpha(engine, raw_lo, self.config["alpha_steps"], float(self.config["alpha_lr"]))
         info["backsub_lower"] = raw_lo
         lo, hi = finish(engine, raw_lo, raw_hi)
-        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None))
+        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None, info["crown_lower"]))

@@ -62,9 +62,11 @@ def node_errors(folded: ir.Graph, store: BoundStore) -> dict:
     return out
 
 
-def backsub_guard(engine) -> Tensor:
+def backsub_guard(engine, plain: Optional[Tensor] = None) -> Tensor:
     """(B, m) guard for the output rows of a `LinearBoundEngine`: sum over nodes of
-    <|lambda_n|, err_n> for the rows' own back-substitution coefficients (plain slopes)."""
+    <|lambda_n|, err_n> for the rows' own back-substitution coefficients (plain slopes). The
+    rows' plain lower bounds, when known, save one of the two passes (the difference is what
+    the error hook subtracts; its own rounding is far below the relative floor of the verdict)."""
     name = engine.graph.output
     n = math.prod(engine.graph.shapes[name])
     lam = torch.eye(n, device=engine.device, dtype=engine.dtype).expand(engine.batch, n, n)
@@ -72,19 +74,21 @@ def backsub_guard(engine) -> Tensor:
     saved = engine.errors
     with torch.no_grad():
         try:
-            engine.errors = {}
-            plain = engine.lower_bound(name, lam)
+            if plain is None:
+                engine.errors = {}
+                plain = engine.lower_bound(name, lam)
             engine.errors = node_errors(engine.graph, engine.store)
             loosened = engine.lower_bound(name, lam)
         finally:
             engine.errors = saved
-    return (plain - loosened).clamp(min=0)
+    return (plain.detach() - loosened).clamp(min=0)
 
 
-def engine_guard(engine, sound: bool):
-    """The guard function a back-substitution domain hands to its `DomainResult`: in the
-    float-sound mode the bounds already contain every rounding (nothing left to guard)."""
+def engine_guard(engine, sound: bool, plain: Optional[Tensor] = None):
+    """The guard function a back-substitution domain hands to its `DomainResult` (`plain`: the
+    plain-slope lower bounds of the output rows, if computed): in the float-sound mode the
+    bounds already contain every rounding, nothing is left to guard."""
     if sound:
         return lambda: torch.zeros(engine.batch, math.prod(engine.graph.output_shape), dtype=engine.dtype,
                                    device=engine.device)
-    return lambda: backsub_guard(engine)
+    return lambda: backsub_guard(engine, plain)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from onnx_models import N, make_model, run_ort
 from op_graphs import OP_GRAPHS
-from verikit import Box, Spec, ir
+from verikit import Box, Spec
 from verikit.cli import main
 from verikit.domains import available_domains, get_domain
 from verikit.errors import VerikitError

@@ -2,7 +2,6 @@
 shapes), imported with an attribute ignored, or crashed the importer. Each must now either
 match onnxruntime exactly (values *and* shapes, and Box bounds that contain onnxruntime's
 outputs) or be refused with the node named; certify refuses a model whose import disagrees."""
-import os
 
 import numpy as np
 import pytest

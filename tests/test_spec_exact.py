@@ -1,7 +1,6 @@
 """The property is proven as written (issue 14, items 3 and 7): float64 coefficients and
 thresholds, strict comparisons strict; counterexamples re-checked against the exact property;
 VNN-LIB properties placed on rounding edges never get a wrong answer from any domain."""
-import math
 
 import numpy as np
 import pytest

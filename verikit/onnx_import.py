@@ -216,16 +216,16 @@ class _Importer(ShapeOps):
         W = W if a.get("transB", 0) else W.T  # -> (out, in)
         name = node.name or "gemm"
         out = self.builder.add(name, ir.Linear(self.t(W * alpha)), [v.node])
-        if alpha != 1.0:
-            self._fused(out, 1)  # alpha * W is rounded once more
+        if alpha != 1.0:  # alpha * W is rounded when stored, and the runtime multiplies by alpha
+            self._fused(out, 2)
         if len(node.input) > 2 and node.input[2]:
             c = np.asarray(self.consts[node.input[2]], dtype=np.float64) * beta
             try:
                 cb = np.broadcast_to(c, (s[0], W.shape[0]))
             except ValueError:
                 raise Unsupported(f"Gemm bias of shape {list(c.shape)} does not broadcast to {[s[0], W.shape[0]]}") from None
-            if beta != 1.0:
-                self._fused(out, 1)
+            if beta != 1.0:  # the same for beta * C
+                self._fused(out, 2)
             if np.all(cb == cb[:1]):  # one bias row for every data row
                 lin = self.builder.nodes[-1]
                 lin.op.bias = self.t(cb[0].copy())
@@ -292,8 +292,8 @@ class _Importer(ShapeOps):
                 and self._single_use(v.node) and len(self.builder.shape(v.node)) == 1 \
                 and c.ndim <= 1 and c.size in (1, prev.op.weight.shape[0]):
             b = np.broadcast_to(c.reshape(-1), (prev.op.weight.shape[0],)).copy()
-            if prev.op.bias is not None:  # b_old + c is rounded once more
-                self._fused(prev.name, 1, np.abs(prev.op.bias.detach().double().numpy()) + np.abs(b))
+            if prev.op.bias is not None:  # b_old + c is rounded when stored, and the runtime adds twice
+                self._fused(prev.name, 2, np.abs(prev.op.bias.detach().double().numpy()) + np.abs(b))
             prev.op.bias = self.t(b) if prev.op.bias is None else prev.op.bias + self.t(b)
             self._forget(v.node)
             with torch.no_grad():

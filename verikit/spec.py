@@ -13,7 +13,7 @@ tighter than bounding y and combining afterwards).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
