@@ -20,8 +20,8 @@ from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
-from .guard import engine_guard
 from .deeppoly import DEFAULT_MAX_ROWS
+from .guard import engine_guard
 from .linear_bounds import LinearBoundEngine, finish, output_bounds, prepare
 
 # domain option -> command-line flag, for CLIs that expose this domain's options
@@ -100,4 +100,5 @@ class CrownDomain(Domain):
             raw_lo = optimise_alpha(engine, raw_lo, self.config["alpha_steps"], float(self.config["alpha_lr"]))
         info["backsub_lower"] = raw_lo
         lo, hi = finish(engine, raw_lo, raw_hi)
-        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None, info["crown_lower"]))
+        guard = engine_guard(engine, errors is not None, info["crown_lower"], raw_lo, lo)
+        return DomainResult(lo, hi, engine.store, info=info, guard_fn=guard)

@@ -41,4 +41,5 @@ class DeepPolyDomain(Domain):
             raw_lo, raw_hi = output_bounds(engine)
         lo, hi = finish(engine, raw_lo, raw_hi)
         info = {"backsub_lower": raw_lo, "rows_bounded": engine.rows_bounded}
-        return DomainResult(lo, hi, engine.store, info=info, guard_fn=engine_guard(engine, errors is not None, raw_lo))
+        guard = engine_guard(engine, errors is not None, raw_lo, raw_lo, lo)
+        return DomainResult(lo, hi, engine.store, info=info, guard_fn=guard)

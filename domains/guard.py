@@ -84,11 +84,18 @@ def backsub_guard(engine, plain: Optional[Tensor] = None) -> Tensor:
     return (plain.detach() - loosened).clamp(min=0)
 
 
-def engine_guard(engine, sound: bool, plain: Optional[Tensor] = None):
-    """The guard function a back-substitution domain hands to its `DomainResult` (`plain`: the
-    plain-slope lower bounds of the output rows, if computed): in the float-sound mode the
-    bounds already contain every rounding, nothing is left to guard."""
-    if sound:
-        return lambda: torch.zeros(engine.batch, math.prod(engine.graph.output_shape), dtype=engine.dtype,
-                                   device=engine.device)
-    return lambda: backsub_guard(engine, plain)
+def engine_guard(engine, sound: bool, plain: Optional[Tensor] = None, own: Optional[Tensor] = None,
+                 final: Optional[Tensor] = None):
+    """The guard function a back-substitution domain hands to its `DomainResult`. `plain`: the
+    plain-slope lower bounds of the output rows, if computed; `own` / `final`: the domain's own
+    lower bounds and those it returns after intersecting with the store. A row whose returned
+    bound came from the store (another domain's computation) is not this domain's to prove:
+    infinite guard there. In the float-sound mode the bounds already contain every rounding."""
+    def guard():
+        g = torch.zeros(engine.batch, math.prod(engine.graph.output_shape), dtype=engine.dtype,
+                        device=engine.device) if sound else backsub_guard(engine, plain)
+        if own is not None and final is not None:
+            g = torch.where(final.detach() > own.detach(), torch.full_like(g, math.inf), g)
+        return g
+
+    return guard

@@ -222,3 +222,17 @@ def test_certify_sound_on_mnist_and_milp_refused_in_one_line(test_data):
     refused = _cli(*args, "--domains", "box,crown,milp", "--sound")
     assert refused.exit_code == 2 and refused.stderr.startswith("error: --sound") and "milp" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_vnncomp_sound_with_milp_is_refused(tmp_path):
+    from conftest import SHARED
+
+    csv_path = os.path.join(SHARED, "vnncomp2021", "instances.csv")
+    if not os.path.exists(csv_path):
+        pytest.skip("shared VNN-COMP instances not present")
+    res = _cli("vnncomp", csv_path, "--benchmark", "test", "--domains", "box,milp", "--sound", "-o", tmp_path / "r.csv")
+    assert res.exit_code == 2 and "milp" in res.stderr and not (tmp_path / "r.csv").exists()
+    ok = _cli("vnncomp", csv_path, "--benchmark", "test", "--domains", "box,crown", "--sound", "-o", tmp_path / "r.csv")
+    assert ok.exit_code == 0, ok.output
+    rows = (tmp_path / "r.csv").read_text().splitlines()[1:]
+    assert len(rows) == 5 and all(",unknown," in r or ",True," in r for r in rows)  # never a wrong answer
