@@ -167,7 +167,7 @@ class Chain:
         except Exception as e:  # a domain bug or unsupported case must not end in a traceback
             raise VerikitError(f"domain {name!r} failed on this model ({type(e).__name__}: {e})") from None
         share = (time.perf_counter() - t0) / len(idx)
-        res.ensure_guard(self.graph, sub_spec, box[idx])  # a plug-in's bounds face the same rounding guard
+        res.ensure_guard(self.graph, sub_spec, box[idx], cls.complete)  # plug-ins face the same rounding guard
         verified = res.verified(sub_spec)
         margins = sub_spec.margin(res.lower.detach()).cpu() if res.lower is not None else None
         for k, i in enumerate(idx):

@@ -55,14 +55,19 @@ class DomainResult:
             self.guard = self.guard_fn()
         return spec.holds_given_lower(self.lower.detach(), self.guard).cpu()
 
-    def ensure_guard(self, graph: Graph, spec: Spec, inputs: Box) -> None:
-        """For results without a guard (plug-in domains): the interval guard from a box pass."""
-        if self.guard is None and self.guard_fn is None and self.status is None:
+    def ensure_guard(self, graph: Graph, spec: Spec, inputs: Box, complete: bool = True) -> None:
+        """For results without a guard (plug-in domains): the interval guard from a box pass. An
+        incomplete domain's "verified" statuses must be backed by lower bounds above it."""
+        if self.guard is None and self.guard_fn is None and (self.status is None or not complete):
             from verikit.spec import fold_spec
 
             from .guard import interval_guard
 
             self.guard = interval_guard(fold_spec(graph, spec), None, inputs)
+        if self.status is not None and not complete:
+            guard = self.guard if self.guard is not None else self.guard_fn()
+            backed = spec.holds_given_lower(self.lower.detach(), guard).cpu()
+            self.status = [UNKNOWN if v == VERIFIED and not bool(backed[k]) else v for k, v in enumerate(self.status)]
 
 
 def check_domain_result(cls: type, result, spec: Optional[Spec], batch: int) -> "DomainResult":

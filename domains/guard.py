@@ -89,13 +89,16 @@ def engine_guard(engine, sound: bool, plain: Optional[Tensor] = None, own: Optio
     """The guard function a back-substitution domain hands to its `DomainResult`. `plain`: the
     plain-slope lower bounds of the output rows, if computed; `own` / `final`: the domain's own
     lower bounds and those it returns after intersecting with the store. A row whose returned
-    bound came from the store (another domain's computation) is not this domain's to prove:
-    infinite guard there. In the float-sound mode the bounds already contain every rounding."""
+    bound came from the store (an earlier domain, typically box) faces the larger of this
+    guard and the interval guard, which bounds the rounding of any bound computed from these
+    intervals. In the float-sound mode the bounds already contain every rounding."""
     def guard():
         g = torch.zeros(engine.batch, math.prod(engine.graph.output_shape), dtype=engine.dtype,
                         device=engine.device) if sound else backsub_guard(engine, plain)
-        if own is not None and final is not None:
-            g = torch.where(final.detach() > own.detach(), torch.full_like(g, math.inf), g)
+        if not sound and own is not None and final is not None:
+            borrowed = final.detach() > own.detach()
+            if bool(borrowed.any()):
+                g = torch.where(borrowed, torch.maximum(g, interval_guard(engine.graph, engine.store)), g)
         return g
 
     return guard
