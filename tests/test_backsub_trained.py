@@ -130,6 +130,13 @@ def test_torch_and_onnx_export_give_the_same_bounds(which, trained_mlp, mnist, t
     g_torch = verikit.from_torch(net, (1, 28, 28))
     g_onnx = verikit.from_onnx(path)
     x = xt[:3].reshape((3,) + tuple(g_onnx.input_shape))
+    if which == "conv":
+        # MNIST's constant background gives exactly tied lower bounds inside a max-pooling
+        # window; which tied input the relaxation picks then depends on how the (folded or
+        # separate) BatchNorm rounds on this CPU, and a different, equally sound pick moves the
+        # bound by ~1e-3. A little jitter breaks the ties, so the two imports are compared.
+        jitter = 0.01 * torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+        x = (x + jitter).clamp(0, 1)
     box = verikit.Box.linf_ball(x, 0.02)
     spec = verikit.Spec.robustness(yt[:3], 10)
     for name, opts in DOMAINS:

@@ -287,14 +287,14 @@ def distinct_matrices(C: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     """(the distinct matrices (k, m, n), each sample's index (B,)) of per-sample matrices C
     (B, m, n), when there are at most MAX_DISTINCT of them and fewer than B; else None.
 
-    Samples are grouped by a fingerprint (a fixed random projection) and the grouping is then
-    checked exactly, so a fingerprint collision (or a NaN) only means None, never a wrong row."""
+    Rows are grouped exactly (torch.unique over whole rows): a hashed fingerprint such as a
+    matrix-vector product is not safe here, because identical rows can round differently in
+    different lanes of a vectorised product. A NaN only means None, never a wrong row."""
     B = C.shape[0]
     if B < 2:
         return None
     flat = C.reshape(B, -1)
-    probe = torch.randn(flat.shape[1], generator=torch.Generator().manual_seed(12345), dtype=torch.float64)
-    keys, index = torch.unique(flat.double() @ probe.to(flat.device), return_inverse=True)
+    keys, index = torch.unique(flat, dim=0, return_inverse=True)
     k = keys.shape[0]
     if k > MAX_DISTINCT or k >= B:
         return None
