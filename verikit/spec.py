@@ -283,18 +283,28 @@ class FoldedSpecLinear(Linear):
 MAX_DISTINCT = 32  # above this many distinct spec matrices, the per-sample product is cheaper
 
 
+def _row_fingerprints(flat: Tensor) -> Tensor:
+    """(B,) int64: a fixed random weighting of each row's bit pattern in 16-bit pieces. Every
+    product is below 2**40 and a row sums fewer than 2**22 of them, so nothing overflows and the
+    sum is exact in any order."""
+    words = flat.contiguous().view(torch.int16).to(torch.int64) + 2 ** 15  # [0, 2**16)
+    weights = torch.randint(1, 2 ** 24, (words.shape[1],), generator=torch.Generator().manual_seed(12345))
+    return (words * weights.to(words.device)).sum(dim=1)
+
+
 def distinct_matrices(C: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     """(the distinct matrices (k, m, n), each sample's index (B,)) of per-sample matrices C
     (B, m, n), when there are at most MAX_DISTINCT of them and fewer than B; else None.
 
-    Rows are grouped exactly (torch.unique over whole rows): a hashed fingerprint such as a
-    matrix-vector product is not safe here, because identical rows can round differently in
-    different lanes of a vectorised product. A NaN only means None, never a wrong row."""
+    Samples are grouped by an integer fingerprint of their bit patterns and the grouping is then
+    checked exactly, so a collision (or a NaN) only means None, never a wrong row. The
+    fingerprint is integer arithmetic on purpose: a float product (a matrix-vector projection)
+    can round identical rows differently in different lanes of a vectorised kernel."""
     B = C.shape[0]
     if B < 2:
         return None
     flat = C.reshape(B, -1)
-    keys, index = torch.unique(flat, dim=0, return_inverse=True)
+    keys, index = torch.unique(_row_fingerprints(flat), return_inverse=True)
     k = keys.shape[0]
     if k > MAX_DISTINCT or k >= B:
         return None
