@@ -159,6 +159,39 @@ def _chain_options(f):
     return f
 
 
+def _parallel_options(f):
+    opts = [
+        click.option("--workers", type=int, default=None, show_default=False,
+                     help="worker processes on a local Ray instance (needs verikit[ray])  [default: 1, in this "
+                          "process; with --ray: every CPU of the cluster]"),
+        click.option("--ray", "ray_address", default=None, metavar="ADDRESS",
+                     help="run on an existing Ray cluster: auto, HOST:PORT or ray://HOST:PORT"),
+        click.option("--gpus-per-worker", type=float, default=None, show_default=False,
+                     help="GPUs each Ray worker takes (its model runs on cuda)  [default: 0]"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _parallel(kwargs: dict, threads: int):
+    """ParallelOptions for --workers/--ray/--gpus-per-worker (checked now)."""
+    from .parallel import check_parallel
+
+    opts = check_parallel(kwargs.pop("workers"), kwargs.pop("ray_address"), kwargs.pop("gpus_per_worker"), threads)
+    if opts.enabled and not threads:  # --threads 0: share the cores among the workers
+        opts.threads = max(1, (os.cpu_count() or 1) // max(opts.workers, 1))
+    return opts
+
+
+def _ray_session(opts):
+    from contextlib import nullcontext
+
+    from .parallel import ray_session
+
+    return ray_session(opts) if opts.enabled else nullcontext()
+
+
 _CHAIN_FLAGS = ("domains", "domain_option", "timeout", "attack", "attack_steps", "attack_restarts", "alpha_steps",
                 "milp_solver", "milp_threads", "sound", "device", "threads", "quiet")
 
@@ -198,6 +231,7 @@ def _plot_path(plot):
 @click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
 @click.option("--plot", default=None, help="(eps sweep) save certified accuracy vs eps as .png/.pdf/.svg")
 @_chain_options
+@_parallel_options
 @click.pass_context
 def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split, num_samples, start, mean, std,
             data_range, batch_size, output, resume, as_json, plot, **kwargs):
@@ -211,6 +245,7 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
     from .model import load_model
 
     flags = _split_flags(kwargs)
+    parallel = _parallel(kwargs, flags["threads"])
     if vnnlib_path is not None:
         _reject_given(ctx, ["eps"], "with --vnnlib (the property gives the input box)")
         _reject_given(ctx, ["dataset", "split", "num_samples", "start", "data_range", "batch_size", "output",
@@ -254,8 +289,10 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
     indices = list(range(start, min(start + num_samples, len(labels))))
     images = fit_to_model(images, loaded.graph.input_shape)
     run = _DatasetRun(loaded, images, labels, indices, eps_list, cfg, tuple(rng), batch_size, output, resume,
-                      as_json, plot, progress=not flags["quiet"], argv=original_args(ctx))
-    run.execute()
+                      as_json, plot, progress=not flags["quiet"], argv=original_args(ctx), parallel=parallel,
+                      normalisation=(mean_v, std_v), device=flags["device"])
+    with _ray_session(parallel):
+        run.execute()
 
 
 @dataclass
@@ -276,12 +313,15 @@ class _DatasetRun:
     plot: Optional[str]
     progress: bool
     argv: list
+    parallel: object = None  # ParallelOptions
+    normalisation: tuple = (None, None)  # (mean, std) as given, for the workers to load the model alike
+    device: str = "cpu"
     counts: dict = field(default_factory=dict)
 
     def _on_done(self, bar, rec):
         if rec is not None:
             self.counts[rec["status"]] = self.counts.get(rec["status"], 0) + 1
-        order = ("verified", "falsified", "unknown", "misclassified")
+        order = ("verified", "falsified", "unknown", "misclassified", "error")
         bar.update(1, ", ".join(f"{self.counts[s]} {s}" for s in order if self.counts.get(s)))
 
     def execute(self):
@@ -299,8 +339,16 @@ class _DatasetRun:
         interrupt = None
         try:
             with Progress(total, label, unit="samples", enabled=self.progress) as bar:
-                certify_samples(loaded, self.images, self.labels, self.indices, self.eps_list, cfg, writer,
-                                self.data_range, self.batch_size, on_done=lambda rec: self._on_done(bar, rec))
+                on_done = lambda rec: self._on_done(bar, rec)
+                if self.parallel is not None and self.parallel.enabled:
+                    from .parallel import certify_samples_parallel
+
+                    certify_samples_parallel(loaded, *self.normalisation, self.device, self.images, self.labels,
+                                             self.indices, self.eps_list, cfg, writer, self.data_range,
+                                             self.batch_size, self.parallel, on_done=on_done)
+                else:
+                    certify_samples(loaded, self.images, self.labels, self.indices, self.eps_list, cfg, writer,
+                                    self.data_range, self.batch_size, on_done=on_done)
         except KeyboardInterrupt as e:
             interrupt = e
         finally:
@@ -308,6 +356,8 @@ class _DatasetRun:
         wanted = {f"{e:.12g}" for e in self.eps_list}
         index_set = set(self.indices)
         recs = [r for r in writer.records if f"{float(r['eps']):.12g}" in wanted and int(r["index"]) in index_set]
+        eps_order = {f"{e:.12g}": n for n, e in enumerate(self.eps_list)}  # completion order must not matter
+        recs.sort(key=lambda r: (eps_order[f"{float(r['eps']):.12g}"], int(r["index"])))
         summary = summarize(recs, stages)
         if self.as_json:
             click.echo(json.dumps({"model": loaded.path, "domains": list(cfg.domains),
@@ -365,22 +415,30 @@ def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json):
 @click.option("--benchmark", "benchmarks", multiple=True, help="only these benchmarks (repeatable)")
 @click.option("--max-timeout", type=float, default=None, help="cap every instance's timeout (seconds)  [default: none]")
 @click.option("--result-dir", default=None, help="also write one VNN-COMP result file per instance")
+@click.option("--resume", is_flag=True, help="keep the rows --output already holds and run only the other instances")
 @_chain_options
-def vnncomp(instances, output, benchmarks, max_timeout, result_dir, **kwargs):
+@_parallel_options
+@click.pass_context
+def vnncomp(ctx, instances, output, benchmarks, max_timeout, result_dir, resume, **kwargs):
     """Run every (onnx, vnnlib, timeout) row of an INSTANCES csv and write a results CSV.
 
-    An instance that cannot be run (unsupported operator, corrupt model, malformed property,
-    failing domain) becomes an `error` row; the run goes on.
+    One row is appended (and flushed) per instance as it finishes. An instance that cannot be
+    run (unsupported operator, corrupt model, malformed property, failing domain, an unexpected
+    crash) becomes an `error` row; the run goes on. --resume skips the instances already in
+    --output (a half-written last line is cut off).
     Exit codes: 0 ran, 1 some answer contradicts the `expected` column, 2 bad input,
     130 Ctrl-C, 143 SIGTERM (finished rows are kept).
     """
-    from .benchmark import ResultsCsv, VnncompSettings, normalise_expected, run_instance, summary_line
+    from .benchmark import ResultsCsv, VnncompSettings, normalise_expected, read_results, run_instance, summary_line
 
     flags = _split_flags(kwargs)
+    parallel = _parallel(kwargs, flags["threads"])
     _seconds(max_timeout, "--max-timeout")
     check_input_file(instances, "", "instances file")
     cfg = _chain_config(flags, vnn=True)
     output = check_output_file(output, "--output")
+    if resume and os.path.exists(output):
+        read_results(output)  # a foreign file is bad input now, not after the work
     result_dir = check_output_dir(result_dir, "--result-dir") if result_dir is not None else None
     rows = normalise_expected(_read(instances, benchmarks), instances)
     _set_threads(flags["threads"])
@@ -388,30 +446,49 @@ def vnncomp(instances, output, benchmarks, max_timeout, result_dir, **kwargs):
         os.makedirs(result_dir, exist_ok=True)
     settings = VnncompSettings(cfg, device=flags["device"], timeout=flags["timeout"], max_timeout=max_timeout,
                                result_dir=result_dir)
-    results, models, interrupt = ResultsCsv(output), {}, None
-    try:
-        with Progress(len(rows), "instances", unit="instances", enabled=not flags["quiet"]) as bar:
-            for inst in rows:
-                row = run_instance(inst, settings, models)
-                results.write(row)
-                if row["result"] == "error":
-                    bar.echo(f"error on {inst['onnx']} {inst['vnnlib']}: {row['note']}")
-                bar.update(1, f"last: {row['result']}")
-    except KeyboardInterrupt as e:
-        interrupt = e
-    finally:
-        results.close()
+    interrupt = None
+    with _ray_session(parallel):
+        results = ResultsCsv(output, resume=resume)
+        try:
+            with Progress(len(rows), "instances", unit="instances", enabled=not flags["quiet"]) as bar:
+                def on_row(inst, row):
+                    if row["result"] == "error":
+                        bar.echo(f"error on {inst['onnx']} {inst['vnnlib']}: {row['note']}")
+                    bar.update(1, f"last: {row['result']}")
+
+                todo = [inst for inst in rows if not results.is_done(inst)]
+                bar.update(len(rows) - len(todo))
+                if parallel.enabled:
+                    from .parallel import run_instances_parallel
+
+                    run_instances_parallel(todo, settings, results, parallel, on_row)
+                else:
+                    models = {}
+                    for inst in todo:
+                        on_row(inst, _write(results, run_instance(inst, settings, models)))
+        except KeyboardInterrupt as e:
+            interrupt = e
+        finally:
+            results.close()
     out_rows = results.rows
     click.echo(summary_line(out_rows, len(rows), any(r["expected"] for r in rows)) + f"; results in {output}")
     wrong = [r for r in out_rows if r["agrees"] == "False"]
     for r in wrong:
         click.echo(f"WRONG ANSWER: {r['onnx']} {r['vnnlib']}: {r['result']} (expected {r['expected']})")
     if interrupt is not None:
+        argv = list(original_args(ctx))
+        if "--resume" not in argv:
+            argv.append("--resume")
         click.echo(f"interrupted after {len(out_rows)} of {plural(len(rows), 'instance')}; the finished rows are "
-                   f"in {output}", err=True)
+                   f"in {output}; continue with:\n  verikit {shlex.join(argv)}", err=True)
         sys.exit(exit_code(interrupt))
     if wrong:
         sys.exit(1)
+
+
+def _write(results, row):
+    results.write(row)
+    return row
 
 
 def _read(instances, benchmarks):

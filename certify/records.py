@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 from verikit.errors import VerikitError
 
-STATUSES = ("verified", "falsified", "unknown", "misclassified")
+STATUSES = ("verified", "falsified", "unknown", "misclassified", "error")  # error: a parallel task that kept failing
 
 
 def _is_int(v) -> bool:
@@ -33,7 +33,7 @@ _FIELDS = {
     "eps": (True, lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     "status": (True, lambda v: v in STATUSES, "one of " + ", ".join(STATUSES)),
     "label": (True, _is_int, "an integer"),
-    "prediction": (True, _is_int, "an integer"),
+    "prediction": (True, lambda v: _is_int(v) or v is None, "an integer (null in error records)"),
     "time": (True, lambda v: _is_number(v) and v >= 0, "a non-negative number"),
     "times": (True, lambda v: isinstance(v, dict) and all(isinstance(k, str) and _is_number(t) for k, t in v.items()),
               "an object of stage -> seconds"),

@@ -39,10 +39,10 @@ def summarize(records: Sequence[dict], stages: Sequence[str]) -> list[dict]:
         count = lambda st: sum(1 for r in recs if r["status"] == st)
         out.append({
             "eps": eps_of[k], "samples": n,
-            "correct": n - count("misclassified"),
-            "clean_accuracy": (n - count("misclassified")) / n if n else 0.0,
+            "correct": n - count("misclassified") - count("error"),
+            "clean_accuracy": (n - count("misclassified") - count("error")) / n if n else 0.0,
             "verified": count("verified"), "falsified": count("falsified"),
-            "unknown": count("unknown"), "misclassified": count("misclassified"),
+            "unknown": count("unknown"), "misclassified": count("misclassified"), "errors": count("error"),
             "certified_accuracy": count("verified") / n if n else 0.0,
             "timeouts": sum(1 for r in recs if r["status"] == "unknown" and r.get("note") == "timeout"),
             "seconds": sum(float(r.get("time", 0.0)) for r in recs),
@@ -63,7 +63,8 @@ def format_summary(summary: list[dict]) -> str:
             lines.append(f"  {r['stage']:<10} {ver:>8} {100 * r['certified_accuracy']:>15.1f}% "
                          f"{r['falsified']:>9} {r['seconds']:>9.2f}")
         extra = f" ({s['timeouts']} timed out)" if s["timeouts"] else ""
-        lines.append(f"  unknown: {s['unknown']}{extra}   misclassified: {s['misclassified']}   "
+        errors = f"   errors: {s['errors']}" if s.get("errors") else ""
+        lines.append(f"  unknown: {s['unknown']}{extra}   misclassified: {s['misclassified']}{errors}   "
                      f"certified accuracy: {100 * s['certified_accuracy']:.1f}%   "
                      f"total {s['seconds']:.2f} s ({s['seconds'] / max(s['samples'], 1):.3f} s/sample)")
         lines.append("")

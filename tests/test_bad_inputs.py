@@ -152,6 +152,13 @@ CERTIFY = [
     ("result-file-no-vnnlib", "certify {model} --eps 0.1 --result-file {out}", "--result-file"),
     ("sat-unsat-no-vnnlib", "certify {model} --eps 0.1 --sat-unsat -o {out}", "--sat-unsat"),
     ("unknown-flag", "certify {model} --eps 0.1 --frobnicate -o {out}", "--frobnicate"),
+    ("workers-0", "certify {model} --eps 0.1 --workers 0 -o {out}", "--workers"),
+    ("workers-text", "certify {model} --eps 0.1 --workers two -o {out}", "'--workers'"),
+    ("ray-address", "certify {model} --eps 0.1 --ray nowhere -o {out}", "--ray"),
+    ("ray-port", "certify {model} --eps 0.1 --ray localhost:99999 -o {out}", "--ray"),
+    ("gpus-per-worker-neg", "certify {model} --eps 0.1 --workers 2 --gpus-per-worker -1 -o {out}",
+     "--gpus-per-worker"),
+    ("gpus-per-worker-alone", "certify {model} --eps 0.1 --gpus-per-worker 1 -o {out}", "--workers"),
     ("model-argument-missing", "certify --eps 0.1 -o {out}", "MODEL"),
 ]
 VNNLIB = [
@@ -191,6 +198,10 @@ VNNCOMP = [
     ("vnncomp-alpha-steps", "vnncomp {csv} --alpha-steps -1 -o {out}", "'--alpha-steps'"),
     ("vnncomp-milp-solver", "vnncomp {csv} --milp-solver cplex -o {out}", "'--milp-solver'"),
     ("vnncomp-milp-threads", "vnncomp {csv} --milp-threads -1 -o {out}", "'--milp-threads'"),
+    ("vnncomp-workers-0", "vnncomp {csv} --workers 0 -o {out}", "--workers"),
+    ("vnncomp-ray-address", "vnncomp {csv} --ray http://x -o {out}", "--ray"),
+    ("vnncomp-gpus-per-worker", "vnncomp {csv} --workers 2 --gpus-per-worker nan -o {out}", "--gpus-per-worker"),
+    ("vnncomp-resume-foreign", "vnncomp {csv} --resume -o {out}", "not a verikit vnncomp results file"),
 ]
 TRAIN = [
     ("train-eps-wide", "train --eps 2 --out {new}", "--eps 2"),
