@@ -119,6 +119,10 @@ class LinearBoundEngine:
         self.errors = errors or {}
         self.rows_bounded = 0  # statistics, reported by the domains
         self.nodes_refined = 0
+        # branch and bound (alpha_beta.py): node names whose incoming coefficients lower_bound
+        # keeps in `captured` (dense, (B, m, *shape); the graph input name for the minimiser)
+        self.capture: set = set()
+        self.captured: dict = {}
 
     # ------------------------------------------------------------ relaxations
     def relaxation(self, node: ir.Node):
@@ -173,7 +177,8 @@ class LinearBoundEngine:
         bias, transpose = self._affine[node.name]
         return transpose(lam), _flat_dot(lam, bias)
 
-    def _activation_backward(self, node: ir.Node, lam: Tensor, alpha: Optional[Tensor]):
+    def _activation_backward(self, node: ir.Node, lam: Tensor, alpha: Optional[Tensor],
+                             split_term: Optional[Tensor] = None):
         rel: LinearRelaxation = self.relaxation(node)
         lo_s = rel.lower_slope.unsqueeze(1)
         if alpha is not None:
@@ -181,6 +186,8 @@ class LinearBoundEngine:
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
         grad = pos * lo_s + neg * rel.upper_slope.unsqueeze(1)
         const = _flat_dot(pos, rel.lower_bias) + _flat_dot(neg, rel.upper_bias)
+        if split_term is not None:  # beta-CROWN: -beta * sign on the split pre-activations
+            grad = grad + split_term
         return (grad,), const
 
     def _maxpool_backward(self, node: ir.Node, lam: Tensor):
@@ -225,7 +232,7 @@ class LinearBoundEngine:
             (g,), _ = self._affine_backward(node, win.lam)  # per-channel scale: same on any window
             _, shift = self._affine[node.name]
             return (Window(g, win.top, win.left),), win.lam.sum((-2, -1)) @ shift.reshape(-1)
-        if op.is_activation and (alphas is None or node.name not in alphas):
+        if op.is_activation and (alphas is None or node.name not in alphas) and node.name not in self.capture:
             rel: LinearRelaxation = self.relaxation(node)
             pos, neg = win.lam.clamp(min=0), win.lam.clamp(max=0)
             cut = lambda t: win.region(t).unsqueeze(1)
@@ -235,11 +242,14 @@ class LinearBoundEngine:
         return None
 
     # ------------------------------------------------------------ back-substitution
-    def lower_bound(self, start: str, lam, alphas: Optional[dict] = None) -> Tensor:
+    def lower_bound(self, start: str, lam, alphas: Optional[dict] = None, splits: Optional[dict] = None) -> Tensor:
         """min over the input box of <lam[b, i], value_start(x)> for every sample b and row i:
         a (B, m) tensor. `lam` is a (B, m, *shape) tensor or a `Window`. `alphas` maps
         activation node -> lower slopes (B, m, *shape) that replace the relaxation's free
-        slopes (alpha-CROWN)."""
+        slopes (alpha-CROWN). `splits` maps activation node -> a term (B, m, *shape) added to
+        the coefficients of its input (beta-CROWN's -beta * sign for split ReLUs; see
+        alpha_beta.py): valid on the sub-domain where every sign * input >= 0."""
+        splits = splits or {}
         graph = self.graph
         first = lam.lam if isinstance(lam, Window) else lam
         const = torch.zeros(first.shape[:2], device=first.device, dtype=first.dtype)
@@ -255,15 +265,18 @@ class LinearBoundEngine:
                                  else _flat_dot(lam_n.abs(), err))
             out = None
             if isinstance(lam_n, Window):
-                out = self._window_backward(node, lam_n, alphas)
+                out = None if node.name in splits else self._window_backward(node, lam_n, alphas)
                 if out is None:
                     lam_n = lam_n.dense(self.graph.shapes[node.name])
+            if node.name in self.capture:
+                self.captured[node.name] = lam_n
             if out is not None:
                 grads, c = out
             elif node.op.is_affine:
                 grads, c = self._affine_backward(node, lam_n)
             elif node.op.is_activation:
-                grads, c = self._activation_backward(node, lam_n, None if alphas is None else alphas.get(node.name))
+                grads, c = self._activation_backward(node, lam_n, None if alphas is None else alphas.get(node.name),
+                                                     splits.get(node.name))
             elif isinstance(node.op, ir.MaxPool2d):
                 grads, c = self._maxpool_backward(node, lam_n)
             else:
@@ -276,6 +289,8 @@ class LinearBoundEngine:
         if lam_x is not None:
             box = self.store[graph.input_name]
             center, radius = box.center, box.radius
+            if graph.input_name in self.capture:
+                self.captured[graph.input_name] = lam_x.dense(tuple(center.shape[1:])) if isinstance(lam_x, Window) else lam_x
             if isinstance(lam_x, Window):
                 center, radius, lam_x = lam_x.region(center), lam_x.region(radius), lam_x.lam
             const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)

@@ -144,6 +144,13 @@ class Progress:
         self.stream.flush()
 
 
+def set_active_info(text: str) -> None:
+    """Show `text` as the info of the active progress bar, if there is one (e.g. a long
+    branch-and-bound search inside one sample: domains left, best global lower bound)."""
+    if _ACTIVE is not None and _ACTIVE.enabled:
+        _ACTIVE.update(0, info=text)
+
+
 def echo_above_progress(text: str, stream=None) -> None:
     """Print a line on stderr, above the active progress bar if there is one."""
     if _ACTIVE is not None and _ACTIVE.enabled:
