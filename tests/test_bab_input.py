@@ -170,3 +170,12 @@ def test_acasxu_instances_are_decided_without_the_milp(net, prop, expected):
     if expected == "violated":
         x = res.counterexample.double().numpy()
         assert case.contains(x)
+
+
+@pytest.mark.skipif(not os.path.isdir(ACAS), reason="shared/vnncomp2021 not present")
+def test_readme_block_runs(monkeypatch, capsys):
+    from test_readme import ROOT, _python_block
+
+    monkeypatch.chdir(ROOT)
+    exec(compile(_python_block("Input splitting (`domains/bab_input.py`)"), "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("falsified ")
