@@ -206,11 +206,13 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
     m = math.prod(folded.shapes[out])
     D = engine.batch
     eye = torch.eye(m, device=engine.device, dtype=engine.dtype).expand(D, m, m).reshape((D, m) + tuple(folded.shapes[out]))
+    with torch.no_grad():  # caches every op's backward form outside autograd (live torch parameters)
+        plain = engine.lower_bound(out, eye)
     plan = _Plan(engine, intermediate and steps > 0, signs)
     inter = {pre: _params(engine, pre, 2 * rows.numel(), signs, None, None) for pre, rows, _ in plan.nodes}
     alphas, betas = _params(engine, out, m, signs, alpha_init, beta_init)
     best_pre = {pre: (store[pre].lo.detach().clone(), store[pre].hi.detach().clone()) for pre, _, _ in plan.nodes}
-    best = torch.full((D, m), -math.inf, device=engine.device, dtype=engine.dtype) if floor is None else floor.clone()
+    best = plain if floor is None else torch.maximum(floor, plain)
     best_alpha = {k: v.detach().clone() for k, v in alphas.items()}
     best_beta = {k: v.detach().clone() for k, v in betas.items()}
     params = list(alphas.values()) + list(betas.values())
