@@ -27,6 +27,8 @@ from verikit.progress import Progress, plural
 from .eps import parse_eps_list
 
 _DEFAULT_CHAIN = ("box", "deeppoly", "crown")
+# VNN-LIB properties (certify --vnnlib, vnncomp): a complete chain, so hard instances get decided
+_DEFAULT_VNN_CHAIN = ("box", "crown", "bab")
 PLOT_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 
 
@@ -84,12 +86,13 @@ def _reject_given(ctx: click.Context, names, why: str) -> None:
         raise VerikitError(f"{', '.join(bad)} {'does' if len(bad) == 1 else 'do'} not apply {why}")
 
 
-def _domain_names(text):
+def _domain_names(text, vnn: bool = False, sound: bool = False):
     from verikit.domains import available_domains, parse_domain_list
 
-    if text is None:
+    if text is None:  # the default chain (in --sound mode: its float-sound domains)
         avail = available_domains()
-        return [d for d in _DEFAULT_CHAIN if d in avail]
+        return [d for d in (_DEFAULT_VNN_CHAIN if vnn else _DEFAULT_CHAIN)
+                if d in avail and (not sound or avail[d].float_sound)]
     if not text.strip(" ,"):
         raise VerikitError(f"--domains is empty; available: {', '.join(available_domains())}")
     names = parse_domain_list(text)
@@ -108,7 +111,7 @@ def _chain_config(flags: dict, vnn: bool = False):
     from .chain import ChainConfig, check_sound_domains
     from .domain_options import merge_options, parse_domain_options
 
-    domains = _domain_names(flags["domains"])
+    domains = _domain_names(flags["domains"], vnn, bool(flags["sound"]))
     if flags["sound"]:
         check_sound_domains(domains)
     _seconds(flags["timeout"], "--timeout")

@@ -9,8 +9,7 @@ parent's bounds as a floor). A sub-domain is closed when its lower bounds prove 
 when its split constraints leave no point. Falsification runs alongside: the inputs that
 minimise each child's bounds are evaluated, and a short PGD starts from the most promising;
 a candidate is re-checked (`milp.confirm_counterexample`: graph and onnxruntime) before the
-sample is reported falsified. Sub-domains with at most `leaf_milp` unstable ReLUs left go to
-the MILP (HiGHS) instead of being split further.
+sample is reported falsified. (The MILP is not called as a leaf solver yet.)
 
 Verdicts: verified when no open sub-domain is left (every bound has the rounding guard's node
 errors subtracted, see alpha_beta.py, and must clear the spec's relative floor);
@@ -52,12 +51,11 @@ class SearchResult:
     depth: int = 0  # the most splits on one sub-domain
     rounds: int = 0
     reason: str = ""  # why unknown
-    leaf_milp: int = 0  # sub-domains handed to the MILP
     seconds: float = 0.0
 
     def info(self) -> dict:
         return {"status": self.status, "visited": self.visited, "depth": self.depth, "rounds": self.rounds,
-                "reason": self.reason, "leaf_milp": self.leaf_milp, "time": self.seconds}
+                "reason": self.reason, "time": self.seconds}
 
 
 @register_domain
@@ -77,7 +75,6 @@ class BabDomain(Domain):
         "alpha_lr": 0.1,
         "beta_lr": 0.05,
         "intermediate": "root",  # alphas/betas of intermediate bounds optimised jointly: root | all | off
-        "leaf_milp": 0,  # sub-domains with at most this many unstable ReLUs go to the MILP (0: never)
         "pgd_steps": 10,  # PGD steps from the most promising minimisers each round (0: off)
         "deterministic": False,  # deterministic kernels; same search every run unless the timeout cuts it
         "time_limit": None,  # set by the chain: the sample's remaining budget
@@ -91,7 +88,7 @@ class BabDomain(Domain):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key != "timeout" and v == 0):
                 raise VerikitError(f"bab option {key} must be a {'non-negative' if key == 'timeout' else 'positive'} "
                                    f"number, got {v!r}")
-        for key in ("max_domains", "batch_size", "alpha_steps", "beta_steps", "leaf_milp", "pgd_steps"):
+        for key in ("max_domains", "batch_size", "alpha_steps", "beta_steps", "pgd_steps"):
             v = c[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise VerikitError(f"bab option {key} must be a non-negative integer, got {v!r}")
