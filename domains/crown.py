@@ -2,7 +2,7 @@
 
 Same back-substitution engine as DeepPoly, with CROWN's adaptive relaxations (tangent lines for
 S-shaped activations). With `alpha_steps > 0`, the lower slopes of unstable ReLU/LeakyReLU
-neurons become free parameters, one per output row and neuron, optimised by projected Adam
+neurons (and the tangent points of Sigmoid/Tanh lines, `s_shaped.py`) become free parameters, one per output row and neuron, optimised by projected Adam
 steps to maximise the output lower bounds (intermediate bounds stay those of plain CROWN).
 The best bound of every row seen over the steps is kept, starting from plain CROWN's slopes,
 so the result is never looser than CROWN.
@@ -23,6 +23,7 @@ from .base import Domain, DomainResult, register_domain
 from .deeppoly import DEFAULT_MAX_ROWS
 from .guard import engine_guard
 from .linear_bounds import LinearBoundEngine, finish, output_bounds, prepare
+from .s_shaped import TangentParameters
 
 # domain option -> command-line flag, for CLIs that expose this domain's options
 CLI_OPTION_FLAGS = {"alpha_steps": "--alpha-steps", "alpha_lr": "--alpha-lr"}
@@ -38,7 +39,8 @@ def optimise_alpha(engine: LinearBoundEngine, start_lower: torch.Tensor, steps: 
     B = engine.batch
     best = start_lower.detach().clone()
     nodes = engine.alpha_nodes(name)
-    if not nodes or steps <= 0:
+    tangents = TangentParameters(engine, name, n)  # Sigmoid/Tanh tangent points (s_shaped.py)
+    if (not nodes and not tangents.nodes) or steps <= 0:
         return best
     alphas, ranges = {}, {}
     for node in nodes:
@@ -46,12 +48,12 @@ def optimise_alpha(engine: LinearBoundEngine, start_lower: torch.Tensor, steps: 
         init = rel.lower_slope.detach().unsqueeze(1).expand((B, n) + tuple(rel.lower_slope.shape[1:]))
         alphas[node.name] = init.clone().requires_grad_(True)
         ranges[node.name] = rel.alpha_range
-    opt = torch.optim.Adam(list(alphas.values()), lr=lr)
+    opt = torch.optim.Adam(list(alphas.values()) + tangents.params, lr=lr)
     lam = torch.eye(n, device=engine.device, dtype=engine.dtype).expand(B, n, n).reshape((B, n) + shape)
-    params = list(alphas.values())
+    params = list(alphas.values()) + tangents.params
     for step in range(steps + 1):
         with torch.enable_grad():
-            lower = engine.lower_bound(name, lam, alphas)
+            lower = engine.lower_bound(name, lam, {**alphas, **tangents.lines()})
             best = torch.maximum(best, lower.detach())
             if step == steps:
                 break
@@ -62,13 +64,14 @@ def optimise_alpha(engine: LinearBoundEngine, start_lower: torch.Tensor, steps: 
         with torch.no_grad():
             for key, p in alphas.items():
                 p.clamp_(*ranges[key])
+        tangents.clamp_()
     return best
 
 
 @register_domain
 class CrownDomain(Domain):
     name = "crown"
-    description = "CROWN linear bounds; alpha_steps>0 optimises ReLU lower slopes (alpha-CROWN)"
+    description = "CROWN linear bounds; alpha_steps>0 optimises ReLU slopes and Sigmoid/Tanh tangents (alpha-CROWN)"
     complete = False
     differentiable = False
     float_sound = True

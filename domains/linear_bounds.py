@@ -180,12 +180,16 @@ class LinearBoundEngine:
     def _activation_backward(self, node: ir.Node, lam: Tensor, alpha: Optional[Tensor],
                              split_term: Optional[Tensor] = None):
         rel: LinearRelaxation = self.relaxation(node)
-        lo_s = rel.lower_slope.unsqueeze(1)
-        if alpha is not None:
-            lo_s = torch.where(rel.alpha_mask.unsqueeze(1), alpha, lo_s)
         pos, neg = lam.clamp(min=0), lam.clamp(max=0)
-        grad = pos * lo_s + neg * rel.upper_slope.unsqueeze(1)
-        const = _flat_dot(pos, rel.lower_bias) + _flat_dot(neg, rel.upper_bias)
+        if isinstance(alpha, LinearRelaxation):  # per-row lines (B, m, *shape): optimised tangents
+            grad = pos * alpha.lower_slope + neg * alpha.upper_slope
+            const = (pos * alpha.lower_bias + neg * alpha.upper_bias).flatten(2).sum(-1)
+        else:
+            lo_s = rel.lower_slope.unsqueeze(1)
+            if alpha is not None:
+                lo_s = torch.where(rel.alpha_mask.unsqueeze(1), alpha, lo_s)
+            grad = pos * lo_s + neg * rel.upper_slope.unsqueeze(1)
+            const = _flat_dot(pos, rel.lower_bias) + _flat_dot(neg, rel.upper_bias)
         if split_term is not None:  # beta-CROWN: -beta * sign on the split pre-activations
             grad = grad + split_term
         return (grad,), const
@@ -246,9 +250,11 @@ class LinearBoundEngine:
         """min over the input box of <lam[b, i], value_start(x)> for every sample b and row i:
         a (B, m) tensor. `lam` is a (B, m, *shape) tensor or a `Window`. `alphas` maps
         activation node -> lower slopes (B, m, *shape) that replace the relaxation's free
-        slopes (alpha-CROWN). `splits` maps activation node -> a term (B, m, *shape) added to
-        the coefficients of its input (beta-CROWN's -beta * sign for split ReLUs; see
-        alpha_beta.py): valid on the sub-domain where every sign * input >= 0."""
+        slopes (alpha-CROWN), or -> a LinearRelaxation of per-row lines (B, m, *shape) that
+        replaces the node's lines (S-shaped tangent points, `s_shaped.py`). `splits` maps
+        activation node -> a term (B, m, *shape) added to the coefficients of its input
+        (beta-CROWN's -beta * sign for split ReLUs; see alpha_beta.py): valid on the sub-domain
+        where every sign * input >= 0."""
         splits = splits or {}
         graph = self.graph
         first = lam.lam if isinstance(lam, Window) else lam

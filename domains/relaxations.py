@@ -59,7 +59,7 @@ def _fit(slope: Tensor, bias: Tensor, points: list, f, above: bool) -> Tensor:
         slack = 2.0 ** -51 * (fp.abs() + sp.abs() + b64.abs())
         gaps.append(sign * (fp - (sp + b64)) + slack)
     need = b64 + sign * torch.stack(gaps).amax(0).clamp(min=0)
-    out = need.to(bias.dtype)
+    out = need.to(slope.dtype)  # the line's dtype (the intercept may come in float64)
     wrong = out.double() < need if above else out.double() > need
     away = torch.full_like(out, float("inf") if above else float("-inf"))
     return torch.where(wrong, torch.nextafter(out, away), out)
@@ -100,17 +100,31 @@ def leaky_relu_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Opti
 
 # ---------------------------------------------------------------- S-shaped (sigmoid, tanh)
 def _sigmoid_grad(x: Tensor) -> Tensor:
-    s = torch.sigmoid(x)
-    return s * (1 - s)
+    return torch.sigmoid(x) * torch.sigmoid(-x)  # = s (1 - s), without the cancellation in 1 - s
 
 
 def _tanh_grad(x: Tensor) -> Tensor:
-    return 1 - torch.tanh(x) ** 2
+    return torch.cosh(x).reciprocal() ** 2  # = 1 - tanh^2, without the cancellation
 
 
 def _tangent(f, df, d: Tensor):
     s = df(d)
     return s, f(d) - s * d
+
+
+def _tangent_line(f, df, t: Tensor, l: Tensor, u: Tensor, above: bool):
+    """The tangent at t, for use as a bound on [l, u]: computed in float64, the slope rounded
+    to t's dtype and the intercept moved outward by |slope error| * (farthest distance from t
+    in [l, u]): the rounded line then lies on the valid side of the exact tangent everywhere
+    on [l, u] (near-flat parts of f would otherwise let it cross f next to t). The intercept
+    is returned in float64, for `_fit` to round outward."""
+    t64 = t.double()
+    s64 = df(t64)
+    b64 = f(t64) - s64 * t64
+    s = s64.to(t.dtype)
+    reach = torch.maximum((t64 - l.double()).abs(), (u.double() - t64).abs())
+    shift = (s.double() - s64).abs() * reach
+    return s, b64 + shift if above else b64 - shift
 
 
 def _tangent_through(f, df, anchor: Tensor, lo: Tensor, hi: Tensor, iters: int = 30) -> Tensor:
@@ -150,13 +164,14 @@ def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> 
         up_b = fu - up_s * u_safe
     else:
         mid = (l + u_safe) / 2
-        t_s, t_b = _tangent(f, df, mid)
+        t_s, t_b = _tangent_line(f, df, mid, l, u_safe, above=False)
+        t_s_up, t_b_up = _tangent_line(f, df, mid, l, u_safe, above=True)
         # crossing case: tangent through the far end point, or the chord if that is already valid
         d_up = _tangent_through(f, df, l, torch.zeros_like(l), torch.clamp(u_safe, min=0))
         d_lo = _tangent_through(f, df, u_safe, torch.zeros_like(l), torch.clamp(l, max=0))
-        up_cross_s, up_cross_b = _tangent(f, df, d_up)
-        lo_cross_s, lo_cross_b = _tangent(f, df, d_lo)
-        chord_b = fl - chord * l
+        up_cross_s, up_cross_b = _tangent_line(f, df, d_up, l, u_safe, above=True)
+        lo_cross_s, lo_cross_b = _tangent_line(f, df, d_lo, l, u_safe, above=False)
+        chord_b = (fl - chord * l).double()
         up_chord_ok = chord <= df(u_safe)  # chord stays above f near u
         lo_chord_ok = chord <= df(l)
         up_cross_s = torch.where(up_chord_ok, chord, up_cross_s)
@@ -165,17 +180,21 @@ def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> 
         lo_cross_b = torch.where(lo_chord_ok, chord_b, lo_cross_b)
         lo_s = torch.where(convex, t_s, torch.where(concave, chord, lo_cross_s))
         lo_b = torch.where(convex, t_b, torch.where(concave, chord_b, lo_cross_b))
-        up_s = torch.where(concave, t_s, torch.where(convex, chord, up_cross_s))
-        up_b = torch.where(concave, t_b, torch.where(convex, chord_b, up_cross_b))
+        up_s = torch.where(concave, t_s_up, torch.where(convex, chord, up_cross_s))
+        up_b = torch.where(concave, t_b_up, torch.where(convex, chord_b, up_cross_b))
     # guard against rounding: where the line can touch f (end points, the inflection point),
     # move the intercept by any violation found, so the lines are sound in floating point
     probes = [l, u_safe, torch.clamp(torch.zeros_like(l), l, u_safe)]
+    if variant == "crown":  # and where the tangents touch f
+        probes += [mid, torch.clamp(d_lo, l, u_safe), torch.clamp(d_up, l, u_safe)]
     lo_b = _fit(lo_s, lo_b, probes, f, above=False)
     up_b = _fit(up_s, up_b, probes, f, above=True)
     zero = torch.zeros_like(l)
-    # a point interval (or an almost-point) is bounded by constants: f is monotone
-    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, fl, lo_b),
-                            torch.where(point, zero, up_s), torch.where(point, f(u), up_b))
+    # a point interval (or an almost-point) is bounded by constants: f is monotone; f(l) and
+    # f(u) rounded outward too (to nearest they can miss f by an ulp)
+    lo_c, up_c = _fit(zero, fl, [l], f, above=False), _fit(zero, f(u), [u], f, above=True)
+    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, lo_c, lo_b),
+                            torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
 
 
 def sigmoid_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
@@ -184,6 +203,79 @@ def sigmoid_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optiona
 
 def tanh_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
     return _s_shaped(torch.tanh, _tanh_grad, l, u, variant)
+
+
+# ---------------------------------------------------------------- S-shaped, tangent points free
+S_SHAPED = {ir.Sigmoid: (torch.sigmoid, _sigmoid_grad), ir.Tanh: (torch.tanh, _tanh_grad)}
+
+
+@dataclass
+class TangentRanges:
+    """Where the tangent point of each S-shaped line may lie (alpha-CROWN for general
+    activations): a tangent at any t in [lo_min, lo_max] is a valid lower line on [l, u], at any
+    t in [up_min, up_max] a valid upper line; elements whose mask is False keep the fixed line."""
+
+    lo_mask: Tensor
+    lo_min: Tensor
+    lo_max: Tensor
+    up_mask: Tensor
+    up_min: Tensor
+    up_max: Tensor
+
+
+def _s_shaped_functions(op: ir.Op):
+    for t in type(op).__mro__:
+        if t in S_SHAPED:
+            return S_SHAPED[t]
+    return None
+
+
+def tangent_ranges(op: ir.Op, l: Tensor, u: Tensor) -> Optional[TangentRanges]:
+    """For f increasing, convex on x <= 0 and concave on x >= 0: a tangent at t <= 0 lies below
+    f on (-inf, 0] and, if it is below f(u) at u, below the chord of the concave part, so on all
+    of [l, u]; its value at u grows with t (f'' >= 0 there), so every t up to the one whose
+    tangent passes through (u, f(u)) is valid. Mirrored for upper lines. None: not S-shaped."""
+    fns = _s_shaped_functions(op)
+    if fns is None:
+        return None
+    f, df = fns
+    wide = (u - l) > _TINY_WIDTH
+    u_safe = torch.where(wide, u, l + 1.0)
+    chord = (f(u_safe) - f(l)) / (u_safe - l)
+    convex, concave = u_safe <= 0, l >= 0
+    zero = torch.zeros_like(l)
+    d_lo = _tangent_through(f, df, u_safe, zero, torch.clamp(l, max=0))  # valid end: l
+    d_up = _tangent_through(f, df, l, zero, torch.clamp(u_safe, min=0))  # valid end: u
+    crossing = ~(convex | concave)
+    lo_mask = wide & (convex | (crossing & (chord > df(l))))
+    up_mask = wide & (concave | (crossing & (chord > df(u_safe))))
+    lo_max = torch.where(convex, u_safe, torch.minimum(d_lo, zero))
+    up_min = torch.where(concave, l, torch.maximum(d_up, zero))
+    return TangentRanges(lo_mask, l, torch.maximum(lo_max, l), up_mask, torch.minimum(up_min, u_safe), u_safe)
+
+
+def tangent_lines(op: ir.Op, l: Tensor, u: Tensor, t_lo: Tensor, t_up: Tensor, fixed: LinearRelaxation,
+                  ranges: TangentRanges) -> LinearRelaxation:
+    """Lines tangent at t_lo (lower) and t_up (upper), (B, m, *shape) after clamping into their
+    ranges, where the mask allows, else `fixed`'s lines. Differentiable in t; the intercepts are
+    moved outward for rounding (as `_fit` does for every line) by a constant correction."""
+    f, df = _s_shaped_functions(op)
+    ex = lambda t: t.unsqueeze(1)  # per-sample (B, *s) -> broadcast over rows
+    t_lo = torch.minimum(torch.maximum(t_lo, ex(ranges.lo_min)), ex(ranges.lo_max))
+    t_up = torch.minimum(torch.maximum(t_up, ex(ranges.up_min)), ex(ranges.up_max))
+    out = []
+    for t, mask, slope0, bias0, above in ((t_lo, ranges.lo_mask, fixed.lower_slope, fixed.lower_bias, False),
+                                           (t_up, ranges.up_mask, fixed.upper_slope, fixed.upper_bias, True)):
+        l_t, u_t = ex(l).expand_as(t), ex(u).expand_as(t)
+        s, b64 = _tangent_line(f, df, t, l_t, u_t, above)
+        with torch.no_grad():
+            probes = [l_t, u_t, torch.minimum(torch.maximum(torch.zeros_like(t), l_t), u_t), t]
+            fitted = _fit(s.detach(), b64.detach(), probes, f, above=above)
+        b = b64.to(s.dtype)
+        b = fitted + (b - b.detach())  # the value is exactly `fitted`; the gradient is the tangent's
+        m = ex(mask)
+        out += [torch.where(m, s, ex(slope0)), torch.where(m, b, ex(bias0))]
+    return LinearRelaxation(*out)
 
 
 # the table: every element-wise activation type in the IR must appear here (a test checks it)
