@@ -19,6 +19,7 @@ from verikit.errors import ShapeError, VerikitError
 from .chain import FALSIFIED, VERIFIED, Chain, ChainConfig
 from .model import LoadedModel
 from .vnnlib import VnnlibProperty
+from .vnnlib2 import check_binding
 
 HOLDS, VIOLATED, UNKNOWN = "holds", "violated", "unknown"
 
@@ -37,10 +38,7 @@ def check_property(model: LoadedModel, prop: VnnlibProperty, config: ChainConfig
     """holds iff every case is verified; violated as soon as one case has a re-checked
     counterexample; unknown otherwise (including when the timeout runs out)."""
     graph = model.graph
-    n_in, n_out = math.prod(graph.input_shape), math.prod(graph.output_shape)
-    if prop.num_inputs != n_in or prop.num_outputs != n_out:
-        raise ShapeError(f"{prop.path}: property has {prop.num_inputs} inputs / {prop.num_outputs} outputs, "
-                         f"the model has {n_in} / {n_out}")
+    check_fits(prop, model)
     t0 = time.perf_counter()
     answer, by, notes = HOLDS, [], []
     dtype, device = graph.dtype, graph.device
@@ -68,6 +66,16 @@ def check_property(model: LoadedModel, prop: VnnlibProperty, config: ChainConfig
             if o.note:
                 notes.append(o.note)
     return VnnResult(answer, time.perf_counter() - t0, by, note="; ".join(sorted(set(notes))))
+
+
+def check_fits(prop: VnnlibProperty, model: LoadedModel) -> None:
+    """The property speaks about this model: its declaration (2.0) and its element counts."""
+    graph = model.graph
+    check_binding(prop, model.path, tuple(graph.input_shape), tuple(graph.output_shape))
+    n_in, n_out = math.prod(graph.input_shape), math.prod(graph.output_shape)
+    if prop.num_inputs != n_in or prop.num_outputs != n_out:
+        raise ShapeError(f"{prop.path}: property has {prop.num_inputs} inputs / {prop.num_outputs} outputs, "
+                         f"the model has {n_in} / {n_out}")
 
 
 def _round_out(values: np.ndarray, dtype, direction: int) -> torch.Tensor:
@@ -162,3 +170,23 @@ def _locate(base: str, bench: str, rel: str, csv_path: str, line: int) -> str:
         if os.path.exists(cand):
             return cand
     raise VerikitError(f"{csv_path}:{line}: file not found: {rel}")
+
+
+def check_instance(onnx_path: str, vnnlib_path: str) -> int:
+    """What VNN-COMP's prepare_instance.sh asks: can verikit take this instance (the model imports
+    and matches onnxruntime, the property parses and fits the model)? No analysis. 0 if yes;
+    else one line on stderr and 2 (a nonzero exit tells the harness to skip the instance)."""
+    import sys
+
+    from .model import load_model
+    from .vnnlib import load_vnnlib
+
+    try:
+        loaded = load_model(onnx_path)
+        prop = load_vnnlib(vnnlib_path)
+        check_fits(prop, loaded)
+    except VerikitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"ok: {onnx_path} and {vnnlib_path} ({len(prop.cases)} input box(es))")
+    return 0

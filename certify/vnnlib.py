@@ -1,4 +1,4 @@
-"""VNN-LIB 1.0 properties (the VNN-COMP format) compiled to input boxes and `Spec`s.
+"""VNN-LIB 1.0 properties (2.0 files are dispatched to vnnlib2.py) (the VNN-COMP format) compiled to input boxes and `Spec`s.
 
 The assertions of a VNN-LIB file describe the *unsafe* region: an input X and output Y that
 satisfy all of them is a counterexample. We bring the assertions into disjunctive normal
@@ -76,6 +76,7 @@ class VnnlibProperty:
     num_inputs: int
     num_outputs: int
     path: str = ""
+    network: Optional[object] = None  # VNN-LIB 2.0: the network declaration (vnnlib2.NetworkDecl) it binds to
 
 
 def _tokenize(text: str, path: str) -> list[_Tok]:
@@ -178,6 +179,10 @@ def _formula(e, path: str, declared: set) -> Formula:
 
 
 def parse_vnnlib(text: str, path: str = "<vnnlib>") -> VnnlibProperty:
+    from .vnnlib2 import is_vnnlib2, parse_vnnlib2
+
+    if is_vnnlib2(text):  # 2.0 syntax: typed network declarations (certify/vnnlib2.py)
+        return parse_vnnlib2(text, path)
     declared: set = set()
     xs, ys = set(), set()
     conjuncts: list[Formula] = []
