@@ -86,6 +86,24 @@ def dag_net(seed=0):
     return b.build(h), (2, 4, 4)
 
 
+def take_net(seed=0):
+    """Take (ONNX Slice with a negative step, Gather with a 2-D index, Split) between ReLUs."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (2, 5, 5), DT)
+    h = b.add("conv", _conv(gen, 3, 2), ["x"])
+    h = b.add("slice", ir.Take(3, torch.tensor([4, 2, 0]), (3,)), [h])  # x[..., ::-2]
+    h = b.add("relu", ir.ReLU(), [h])
+    h = b.add("flat", ir.Reshape((45,)), [h])
+    g = b.add("gather", ir.Take(1, torch.tensor([44, 0, 7, 7, 30, 12]), (2, 3)), [h])
+    g = b.add("gflat", ir.Reshape((6,)), [g])
+    g = b.add("relu2", ir.ReLU(), [g])
+    left = b.add("split0", ir.Take(1, torch.arange(0, 20), (20,)), [h])
+    right = b.add("split1", ir.Take(1, torch.arange(20, 45), (25,)), [h])
+    cat = b.add("cat", ir.Concat(1), [right, g, left])
+    h = b.add("out", _lin(gen, 4, 51), [cat])
+    return b.build(h), (2, 5, 5)
+
+
 def graphs():
     """label -> (graph, per-sample input shape)."""
     out = {
@@ -96,6 +114,7 @@ def graphs():
         "tanh-mlp": (dense_net(ir.Tanh), (6,)),
         "conv-mix": (conv_mix(), (2, 6, 6)),
         "dag": dag_net(),
+        "take": take_net(),
     }
     return out
 
@@ -112,6 +131,7 @@ def linear_graphs():
     g = b.add("gap", ir.GlobalAvgPool(), [side])
     h = b.add("perm", ir.Transpose((0, 2, 3, 1)), [h])
     h = b.add("flat", ir.Reshape((36,)), [h])
+    h = b.add("take", ir.Take(1, torch.arange(35, -1, -1), (36,)), [h])  # reversed: Slice with step -1
     gf = b.add("gflat", ir.Reshape((3,)), [g])
     cat = b.add("cat", ir.Concat(1), [h, gf])
     h = b.add("fc", _lin(gen, 5, 39), [cat])

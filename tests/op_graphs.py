@@ -106,6 +106,9 @@ OP_GRAPHS = {
     "maxpool": _conv_graph(lambda g: ir.MaxPool2d((2, 2), (2, 2))),
     "maxpool-overlap-pad": _conv_graph(lambda g: ir.MaxPool2d((3, 3), (2, 2), (1, 1))),
     "mlp": _mlp,
+    "take-slice-negative-step": _conv_graph(lambda g: ir.Take(3, torch.tensor([5, 3, 1]), (3,))),
+    "take-gather-scalar-index": _conv_graph(lambda g: ir.Take(2, torch.tensor([4]), ())),
+    "take-gather-2d-index": _dense_graph(lambda g: ir.Take(1, torch.tensor([0, 5, 5, 2]), (2, 2))),
 }
 
 

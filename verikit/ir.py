@@ -348,9 +348,11 @@ class MaxPool2d(Op):
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
+from .ir_ops import Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
+
 ALL_OP_TYPES: tuple[type[Op], ...] = (
     Linear, Conv2d, ElementwiseAffine, BatchNorm, AvgPool2d, GlobalAvgPool, Pad, Reshape,
-    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, MaxPool2d,
+    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, MaxPool2d, Take,
 )
 
 

@@ -28,6 +28,7 @@ import torch
 from . import ir
 from .errors import ModelLoadError, UnsupportedOpsError
 from .onnx_constants import UnsupportedConstantOp, fold_constant, node_attributes
+from .onnx_index_ops import IndexOps
 from .onnx_shape_ops import ShapeOps, Unsupported, Var
 from .onnx_support import static_problem
 
@@ -81,7 +82,7 @@ def _inferred_shapes(model) -> dict:
     return out
 
 
-class _Importer(ShapeOps):
+class _Importer(ShapeOps, IndexOps):
     def __init__(self, model, dtype, source):
         import onnx.numpy_helper as nh
 
@@ -177,11 +178,13 @@ class _Importer(ShapeOps):
         handler = getattr(self, "op_" + op, None)
         if handler is None:
             raise Unsupported("operator not supported")
-        for extra in node.output[1:]:
+        for extra in node.output[1:] if op != "Split" else ():
             if extra and self.consumers.get(extra, 0):
                 raise Unsupported(f"secondary output {extra} is used")
         v = handler(node, _attrs(node))
-        self.set_var(node.output[0], v)
+        for name, part in zip(node.output, v if isinstance(v, list) else [v]):  # a list: one Var per output (Split)
+            if name:
+                self.set_var(name, part)
 
     def consts_out(self, node, values):
         for name, val in zip(node.output, values):

@@ -37,6 +37,9 @@ DATA_OPS: dict[str, set] = {
     "Sigmoid": set(),
     "Tanh": set(),
     "Shape": {"start", "end"},
+    "Slice": {"starts", "ends", "axes"},
+    "Gather": {"axis"},
+    "Split": {"axis", "split", "num_outputs"},
 }
 
 # op -> attributes, for ops evaluated at import time when all their inputs are constants
@@ -67,6 +70,9 @@ _CONSTANT_INPUTS = {
     "Squeeze": {1: "axes"},
     "Unsqueeze": {1: "axes"},
     "Dropout": {1: "ratio", 2: "training_mode"},
+    "Slice": {1: "starts", 2: "ends", 3: "axes", 4: "steps"},
+    "Gather": {1: "indices"},
+    "Split": {1: "split"},
 }
 _NOT_SET = (None, b"NOTSET", "NOTSET")
 _VALID = (b"VALID", "VALID")

@@ -181,7 +181,7 @@ LOCAL_ERROR_RULES: dict[type, Callable] = {
     ir.AvgPool2d: _pool_mean, ir.GlobalAvgPool: _pool_mean, ir.Add: _add, ir.LeakyReLU: _leaky,
     ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped,
     ir.Pad: _exact, ir.Reshape: _exact, ir.Transpose: _exact, ir.Concat: _exact, ir.ReLU: _exact,
-    ir.MaxPool2d: _exact,
+    ir.MaxPool2d: _exact, ir.Take: _exact,
 }
 
 
