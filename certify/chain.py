@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from verikit.bounds import Box, BoundStore
-from verikit.errors import VerikitError
+from verikit.errors import UnsupportedOpsError, VerikitError
 from verikit.ir import Graph
 from verikit.spec import Spec
 
@@ -42,6 +42,8 @@ class Outcome:
     output: Optional[np.ndarray] = None  # model output at the counterexample (onnxruntime when available)
     times: dict = field(default_factory=dict)  # stage -> seconds spent on this sample
     note: str = ""
+    # complete search domains (bab): per domain {"visited": sub-domains bounded, "depth": most splits}
+    search: dict = field(default_factory=dict)
 
     @property
     def seconds(self) -> float:
@@ -162,6 +164,12 @@ class Chain:
             res = check_domain_result(cls, res, sub_spec, len(idx))  # plug-ins: shapes, unbacked "verified"
         except (KeyboardInterrupt, MemoryError):
             raise
+        except UnsupportedOpsError as e:
+            # a domain that cannot handle this network (milp on a Sigmoid net) is skipped: the
+            # samples stay undecided for the later domains, and what earlier ones found is kept
+            for i in idx:
+                out[i].note = "; ".join(filter(None, [out[i].note, f"{name} skipped: {e}"]))
+            return None
         except VerikitError as e:
             raise VerikitError(f"domain {name!r} failed on this model: {e}") from None
         except Exception as e:  # a domain bug or unsupported case must not end in a traceback
@@ -170,8 +178,12 @@ class Chain:
         res.ensure_guard(self.graph, sub_spec, box[idx], cls.complete)  # plug-ins face the same rounding guard
         verified = res.verified(sub_spec)
         margins = sub_spec.margin(res.lower.detach()).cpu() if res.lower is not None else None
+        samples = res.info.get("samples") if isinstance(res.info, dict) else None
         for k, i in enumerate(idx):
             out[i].times[name] = out[i].times.get(name, 0.0) + share
+            if isinstance(samples, list) and len(samples) == len(idx) and isinstance(samples[k], dict) \
+                    and "visited" in samples[k]:
+                out[i].search[name] = {"visited": int(samples[k]["visited"]), "depth": int(samples[k].get("depth", 0))}
             if bool(verified[k]):
                 out[i].status, out[i].by = VERIFIED, name
                 out[i].margin = float(margins[k]) if margins is not None else None

@@ -42,6 +42,8 @@ _FIELDS = {
                "a number or null"),
     "note": (False, lambda v: isinstance(v, str), "a string"),
     "model": (False, lambda v: v is None or isinstance(v, str), "a path"),
+    "search": (False, lambda v: isinstance(v, dict) and all(isinstance(s, dict) for s in v.values()),
+               "an object of domain -> {visited, depth}"),
 }
 
 

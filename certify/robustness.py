@@ -84,8 +84,11 @@ def _certify_batch(chain: Chain, model: LoadedModel, x, y, batch, eps, num_class
 
     def finished(j: int, o) -> None:
         k = correct[j]
-        emit({**record(k), "status": o.status, "by": o.by, "margin": o.margin, "note": o.note,
-              "times": {s: round(t, 6) for s, t in o.times.items()}, "time": round(clf_time + o.seconds, 6)})
+        rec = {**record(k), "status": o.status, "by": o.by, "margin": o.margin, "note": o.note,
+               "times": {s: round(t, 6) for s, t in o.times.items()}, "time": round(clf_time + o.seconds, 6)}
+        if o.search:  # a search domain (bab): sub-domains visited and depth, per domain
+            rec["search"] = o.search
+        emit(rec)
 
     box = Box.linf_ball(x[correct], eps, data_range)
     spec = Spec.robustness(y[correct], num_classes, dtype=x.dtype)
