@@ -9,7 +9,8 @@ parent's bounds as a floor). A sub-domain is closed when its lower bounds prove 
 when its split constraints leave no point. Falsification runs alongside: the inputs that
 minimise each child's bounds are evaluated, and a short PGD starts from the most promising;
 a candidate is re-checked (`milp.confirm_counterexample`: graph and onnxruntime) before the
-sample is reported falsified. (The MILP is not called as a leaf solver yet.)
+sample is reported falsified. Open sub-domains with at most `leaf_milp` unstable ReLUs left go
+to the MILP (HiGHS by default) on the sub-domain's bounds instead of being split further.
 
 Verdicts: verified when no open sub-domain is left (every bound has the rounding guard's node
 errors subtracted, see alpha_beta.py, and must clear the spec's relative floor);
@@ -51,11 +52,12 @@ class SearchResult:
     depth: int = 0  # the most splits on one sub-domain
     rounds: int = 0
     reason: str = ""  # why unknown
+    leaf_milp: int = 0  # sub-domains handed to the MILP
     seconds: float = 0.0
 
     def info(self) -> dict:
         return {"status": self.status, "visited": self.visited, "depth": self.depth, "rounds": self.rounds,
-                "reason": self.reason, "time": self.seconds}
+                "reason": self.reason, "leaf_milp": self.leaf_milp, "time": self.seconds}
 
 
 @register_domain
@@ -76,6 +78,9 @@ class BabDomain(Domain):
         "beta_lr": 0.05,
         "intermediate": "root",  # alphas/betas of intermediate bounds optimised jointly: root | all | off
         "pgd_steps": 10,  # PGD steps from the most promising minimisers each round (0: off)
+        "leaf_milp": 0,  # open sub-domains with at most this many unstable ReLUs go to the MILP (0: never)
+        "leaf_milp_time": 10.0,  # seconds per leaf MILP (within the sample's budget)
+        "leaf_solver": "highs",  # the leaf MILP's solver (milp option `solver`)
         "deterministic": False,  # deterministic kernels; same search every run unless the timeout cuts it
         "time_limit": None,  # set by the chain: the sample's remaining budget
     }
@@ -83,16 +88,18 @@ class BabDomain(Domain):
     def __init__(self, **options):
         super().__init__(**options)
         c = self.config
-        for key in ("timeout", "memory_mb", "alpha_lr", "beta_lr"):
+        for key in ("timeout", "memory_mb", "alpha_lr", "beta_lr", "leaf_milp_time"):
             v = c[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key != "timeout" and v == 0):
                 raise VerikitError(f"bab option {key} must be a {'non-negative' if key == 'timeout' else 'positive'} "
                                    f"number, got {v!r}")
-        for key in ("max_domains", "batch_size", "alpha_steps", "beta_steps", "pgd_steps"):
+        for key in ("max_domains", "batch_size", "alpha_steps", "beta_steps", "pgd_steps", "leaf_milp"):
             v = c[key]
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise VerikitError(f"bab option {key} must be a non-negative integer, got {v!r}")
         check_branching(c["branching"])
+        if c["leaf_solver"] not in ("auto", "highs", "gurobi"):
+            raise VerikitError(f"bab option leaf_solver must be auto, highs or gurobi, got {c['leaf_solver']!r}")
         if c["intermediate"] not in ("root", "all", "off"):
             raise VerikitError(f"bab option intermediate must be root, all or off, got {c['intermediate']!r}")
         if c["time_limit"] is not None and (not isinstance(c["time_limit"], (int, float)) or c["time_limit"] < 0):
@@ -154,6 +161,7 @@ class BabDomain(Domain):
             res = part.run(alphas, betas, self.config["beta_steps"], floor=lower_root[rows][None])
             result.visited += res.visited
             result.rounds += res.rounds
+            result.leaf_milp += res.leaf_milp
             result.depth = max(result.depth, res.depth)
             result.lower[rows] = torch.maximum(result.lower[rows], res.lower)
             if res.status == FALSIFIED:
@@ -209,7 +217,6 @@ class ReluSearch:
         self.root_bounds: Optional[BatchBounds] = None
         self.result = SearchResult(UNKNOWN, torch.full((self.m,), -math.inf, dtype=graph.dtype, device=box.lo.device))
         self.closed_lower = torch.full((self.m,), math.inf, dtype=graph.dtype, device=box.lo.device)
-        self.gen = torch.Generator(device="cpu").manual_seed(0)
 
     # ------------------------------------------------------------ helpers
     def left(self) -> float:
@@ -326,6 +333,10 @@ class ReluSearch:
             open_idx = [k for k in range(len(parent_of)) if not bool(done[k])]
             depth = [parents[parent_of[k]].depth + 1 for k in range(len(parent_of))]
             r.depth = max([r.depth] + depth)
+            if open_idx and self.cfg["leaf_milp"] > 0:
+                open_idx = self._leaves(batch, bounds, open_idx)
+                if open_idx is None:
+                    return self._finish(FALSIFIED, queue=queue)
             if open_idx and self._falsify(bounds, open_idx):
                 return self._finish(FALSIFIED, queue=queue)
             for d in self._subdomains(bounds, batch.signs, open_idx, [depth[k] for k in open_idx]):
@@ -377,6 +388,38 @@ class ReluSearch:
                           {n: c[k] for n, c in bounds.coefficients.items()})
             out.append(d)
         return out
+
+    # ------------------------------------------------------------ leaf MILP
+    def _leaves(self, batch: SubdomainBatch, bounds: BatchBounds, idx: list) -> Optional[list]:
+        """Hand the sub-domains with few unstable ReLUs to the MILP: the ones it proves are
+        closed; None when it finds a (re-checked) counterexample; the rest stay open."""
+        from .alpha_beta import split_store
+        from .milp import MilpDomain
+
+        keep = []
+        for k in idx:
+            unstable = 0
+            for n in self.relus:
+                lo, hi = bounds.pre_bounds[self.pre_of[n]]
+                unstable += int(((lo[k] < 0) & (hi[k] > 0) & (batch.signs[n][k] == 0)).sum())
+            if unstable > self.cfg["leaf_milp"] or self.left() <= 0:
+                keep.append(k)
+                continue
+            one = SubdomainBatch(self.box, {n: batch.signs[n][k:k + 1] for n in self.relus},
+                                 {p: (lo[k:k + 1], hi[k:k + 1]) for p, (lo, hi) in bounds.pre_bounds.items()})
+            store, _ = split_store(self.folded, one, self.ctx)
+            milp = MilpDomain(solver=self.cfg["leaf_solver"], bounds_from="none", input_split=False,
+                              time_limit=max(0.01, min(self.left(), float(self.cfg["leaf_milp_time"]))))
+            res = milp.bound(self.graph, self.box, self.spec, store=store)
+            self.result.leaf_milp += 1
+            if res.status[0] == VERIFIED:
+                self.closed_lower = torch.minimum(self.closed_lower, bounds.lower[k].detach())
+            elif res.status[0] == FALSIFIED and res.counterexamples[0] is not None:
+                self.result.counterexample = res.counterexamples[0].detach()  # milp re-checked it
+                return None
+            else:
+                keep.append(k)
+        return keep
 
     # ------------------------------------------------------------ falsification
     def _falsify(self, bounds: BatchBounds, idx: list) -> bool:

@@ -181,3 +181,23 @@ def test_chain_skips_a_domain_that_cannot_handle_the_network():
     (o,) = Chain(graph, ChainConfig(["box", "milp"], attack=False)).run(box, spec)
     assert o.status == "unknown" and "milp skipped" in o.note and "Sigmoid" in o.note
     assert "box" in o.times
+
+
+def test_progress_shows_domains_left_and_the_global_lower_bound():
+    import io
+
+    from verikit.progress import Progress
+
+    graph, box, spec = _hard_case()
+    stream = io.StringIO()
+    with Progress(1, "certify", stream=stream, interval=1000) as bar:
+        get_domain("bab", max_domains=2, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+        info = bar.info
+    assert info.startswith("bab: ") and "domains left" in info and "global lower bound" in info
+
+
+def test_leaf_milp_decides_small_sub_domains_like_the_milp():
+    graph, box, spec = _hard_case()
+    want = get_domain("milp").bound(graph, box, spec).status
+    res = get_domain("bab", leaf_milp=40, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+    assert res.status == want and res.info["samples"][0]["leaf_milp"] >= 1
