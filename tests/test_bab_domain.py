@@ -201,3 +201,14 @@ def test_leaf_milp_decides_small_sub_domains_like_the_milp():
     want = get_domain("milp").bound(graph, box, spec).status
     res = get_domain("bab", leaf_milp=40, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
     assert res.status == want and res.info["samples"][0]["leaf_milp"] >= 1
+
+
+def test_default_vnnlib_chain_is_complete_and_sound_mode_refuses_bab():
+    from verikit.certify.chain import check_sound_domains
+    from verikit.certify.cli import _domain_names
+
+    assert _domain_names(None, vnn=True) == ["box", "crown", "bab"]
+    assert _domain_names(None, vnn=True, sound=True) == ["box", "crown"]
+    assert _domain_names(None) == ["box", "deeppoly", "crown"]
+    with pytest.raises(VerikitError, match="bab"):
+        check_sound_domains(["box", "bab"])
