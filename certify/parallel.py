@@ -92,8 +92,35 @@ def _check_address(address: str) -> None:
 
 
 @contextmanager
+def _ray_messages_to_stderr():
+    """Ray prints its error notices (e.g. "A worker died ...") to stdout, which holds the
+    command's results (--json): send them to stderr. (A private hook; skipped if it moved.)"""
+    try:
+        from ray._private import worker as ray_worker
+    except ImportError:
+        yield
+        return
+    original = getattr(ray_worker, "print_to_stdstream", None)
+    if original is None:
+        yield
+        return
+    ray_worker.print_to_stdstream = lambda data, ignore_prefix: original({**data, "is_err": True}, ignore_prefix)
+    try:
+        yield
+    finally:
+        ray_worker.print_to_stdstream = original
+
+
+@contextmanager
 def ray_session(opts: ParallelOptions):
     """Ray, initialised for this run (and shut down after it) unless it already is."""
+    with _ray_messages_to_stderr():
+        with _ray_initialised(opts) as ray:
+            yield ray
+
+
+@contextmanager
+def _ray_initialised(opts: ParallelOptions):
     import logging
 
     import ray

@@ -20,7 +20,7 @@ from verikit.interrupts import Terminated, exit_code
 from verikit.outputs import check_output_dir
 
 # flags that may be given together with --resume; every other one is fixed by the saved run
-_RESUME_FLAGS = {"resume_dir", "epochs", "threads", "quiet", "device", "checkpoint_minutes", "out_dir"}
+_RESUME_FLAGS = {"resume_dir", "epochs", "threads", "quiet", "device", "checkpoint_minutes", "out_dir", "ddp"}
 
 
 def _milestones(text):
@@ -82,10 +82,13 @@ def _flag(ctx, name):
 @click.option("--threads", type=click.IntRange(0), default=1,
               help="torch CPU threads; 0 = torch's default (all cores)")
 @click.option("--quiet", is_flag=True, help="no progress bar")
+@click.option("--ddp", is_flag=True,
+              help="data-parallel over the processes of a torchrun launch (--batch-size is the global batch); "
+                   "implied when torchrun started this process")
 @click.pass_context
 def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones, warmup_epochs,
           ramp_epochs, reg_weight, l1, grad_clip, relu_shrink, train_samples, eval_samples, seed, device, out_dir,
-          resume_dir, force, checkpoint_minutes, threads, quiet):
+          resume_dir, force, checkpoint_minutes, threads, quiet, ddp):
     """Train a network for certified L∞ robustness with SABR (Müller et al., ICLR 2023).
 
     \b
@@ -96,10 +99,29 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
       verikit train --method standard --model mlp --epochs 5                # plain training
       verikit train --resume runs/mnist-sabr-0.1-cnn7                       # continue a run
 
+      torchrun --nproc-per-node 2 -m verikit.train --model cnn7             # data parallel
+
     Writes config.json, metrics.csv, checkpoint.pt (every epoch, and mid-epoch when
-    interrupted), curves.png and model.onnx into the run directory.
+    interrupted), curves.png and model.onnx into the run directory (rank 0 alone under torchrun).
     Exit codes: 0 done, 2 bad input, 130 Ctrl-C, 143 SIGTERM (a checkpoint is kept).
     """
+    from .config import TrainConfig
+    from .distributed import launched_by_torchrun, start, stop
+    from .loop import CHECKPOINT, is_run_dir, read_checkpoint, resume_config
+
+    dist = start(required=True, device=device) if ddp or launched_by_torchrun() else None
+    try:
+        _train(ctx, dist, **{k: v for k, v in locals().items() if k not in ("ctx", "dist", "ddp", "TrainConfig",
+                                                                            "launched_by_torchrun", "start", "stop",
+                                                                            "CHECKPOINT", "is_run_dir",
+                                                                            "read_checkpoint", "resume_config")})
+    finally:
+        stop(dist)
+
+
+def _train(ctx, dist, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones,
+           warmup_epochs, ramp_epochs, reg_weight, l1, grad_clip, relu_shrink, train_samples, eval_samples, seed,
+           device, out_dir, resume_dir, force, checkpoint_minutes, threads, quiet):
     from .config import TrainConfig
     from .loop import CHECKPOINT, is_run_dir, read_checkpoint, resume_config
 
@@ -141,35 +163,40 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
             raise VerikitError(f"--out {out_dir} already holds a training run; continue it with --resume {out_dir} "
                                "or replace it with --force")
     check_output_dir(out_dir, "--resume" if resume_dir else "--out")
+    main_rank = dist is None or dist.is_main
+    echo = click.echo if main_rank else (lambda *a, **k: None)
     for w in cfg.schedule_warnings():
-        click.echo(f"warning: {w}", err=True)
+        echo(f"warning: {w}", err=True)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
+    if dist is not None:
+        dist.barrier()  # every rank has checked the flags and read the checkpoint before rank 0 writes
     trainer = None
     try:
-        trainer = _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state)
+        trainer = _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state, dist, echo)
         trainer.fit(progress=not quiet)
-        finish_run(trainer)
+        if main_rank:
+            finish_run(trainer)
     except KeyboardInterrupt as e:
-        click.echo(_interrupted(e, trainer, out_dir, CHECKPOINT), err=True)
+        echo(_interrupted(e, trainer, out_dir, CHECKPOINT), err=True)
         sys.exit(exit_code(e))
 
 
-def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state):
+def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state, dist=None, echo=click.echo):
     from .loop import RUN_FILES, Trainer
 
     c = cfg
-    click.echo(f"loading {c.dataset} and building {c.model}...", err=True)
-    trainer = Trainer(cfg, out_dir, log=click.echo)
+    echo(f"loading {c.dataset} and building {c.model}...", err=True)
+    trainer = Trainer(cfg, out_dir, log=echo, dist=dist)
     trainer.checkpoint_seconds = 60.0 * checkpoint_minutes
     if resume_dir:
         trainer.restore(state)
         where = f"epoch {trainer.epoch}" if not trainer.partial else \
             f"step {trainer.partial['step']}/{trainer.steps_per_epoch} of epoch {trainer.epoch + 1}"
-        click.echo(f"resuming {out_dir} after {where} (of {plural(trainer.cfg.epochs, 'epoch')})")
-    elif force:
+        echo(f"resuming {out_dir} after {where} (of {plural(trainer.cfg.epochs, 'epoch')})")
+    elif force and trainer.is_main:
         for name in RUN_FILES:  # the old run's files, so nothing stale is left beside the new one
             path = os.path.join(out_dir, name)
             if os.path.isdir(path):
@@ -178,9 +205,10 @@ def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state):
                 os.remove(path)
     what = (f"standard training (evaluated at ε={format_eps(c.eps)})" if c.kind == "standard" else
             f"{c.kind} (λ={c.sabr_lambda}, domain {c.domain}), ε={format_eps(c.eps)}")
-    click.echo(f"training {c.model} on {c.dataset}: {what}, {plural(c.epochs, 'epoch')} (warm-up "
-               f"{c.warmup_epochs}, ramp {c.ramp_epochs}, lr milestones {list(c.lr_milestones)}), "
-               f"{plural(trainer.steps_per_epoch, 'step')} per epoch, device {trainer.device} -> {out_dir}")
+    ranks = f" x {dist.world} ranks ({dist.backend})" if dist is not None else ""
+    echo(f"training {c.model} on {c.dataset}: {what}, {plural(c.epochs, 'epoch')} (warm-up "
+         f"{c.warmup_epochs}, ramp {c.ramp_epochs}, lr milestones {list(c.lr_milestones)}), "
+         f"{plural(trainer.steps_per_epoch, 'step')} per epoch, device {trainer.device}{ranks} -> {out_dir}")
     return trainer
 
 

@@ -5,6 +5,10 @@ Determinism: the batch order and the attack's random starts of epoch e come from
 seeded with (seed, e), so a run resumed from the checkpoint of epoch e repeats exactly what an
 uninterrupted run does from there.
 
+Data parallel (torchrun, train/distributed.py): with a `DistContext` each rank trains on its
+shard of every batch, gradients and BatchNorm statistics are reduced over the ranks, and only
+rank 0 evaluates (the others receive its figures) and writes files.
+
 Interruptions: Ctrl-C / SIGTERM during a step abandon that step and restore what it had
 changed so far (random generators, BatchNorm buffers; the weights and the optimizer change
 only in the update, which runs with signals deferred), then a mid-epoch checkpoint is saved,
@@ -87,7 +91,7 @@ def _update_running_stats(pairs, ctx: ir.EvalContext, batch: int) -> None:
 class Trainer:
     """Holds the model, its live IR graph, the optimizer and the data of one run."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str, data=None, log: Callable[[str], None] = print):
+    def __init__(self, cfg: TrainConfig, out_dir: str, data=None, log: Callable[[str], None] = print, dist=None):
         from verikit import from_torch
         from verikit.models.architectures import DATASET_SHAPES, build_model
 
@@ -96,8 +100,10 @@ class Trainer:
 
         self.cfg = cfg.resolved()
         self.out_dir = out_dir
-        self.log = log
-        self.device = pick_device(self.cfg.device)
+        self.dist = dist  # DistContext of a torchrun launch, or None
+        self.is_main = dist is None or dist.is_main
+        self.log = log if self.is_main else (lambda text: None)
+        self.device = dist.device if dist is not None else pick_device(self.cfg.device)
         torch.manual_seed(self.cfg.seed)
         shape, _, _, self.num_classes = DATASET_SHAPES[self.cfg.dataset]
         self.model = build_model(self.cfg.model, self.cfg.dataset)
@@ -113,6 +119,11 @@ class Trainer:
         self.domain = get_training_domain(self.cfg.domain) if self.cfg.method != "standard" else None
         self.has_bn = _has_batchnorm(self.model)
         self.bn_pairs = _batchnorm_pairs(self.model, self.train_graph)
+        if dist is not None:
+            if self.has_bn and self.bn_pairs is None:
+                raise VerikitError("data-parallel training needs every BatchNorm layer to map to one graph node "
+                                   "with a momentum (its statistics are synchronised there)")
+            dist.broadcast_parameters(self.model)  # the same start on every rank, whatever the seeding
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=self.cfg.lr)
         if data is None:
@@ -133,32 +144,45 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
     def loss_on_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float, epoch: int,
-                      gen: Optional[torch.Generator] = None) -> tuple[torch.Tensor, float]:
-        """The training loss of one batch and the fraction of it certified on the trained region."""
+                      gen: Optional[torch.Generator] = None, shard: Optional[tuple] = None) -> tuple[torch.Tensor, float]:
+        """The training loss of one batch and the fraction of it certified on the trained region.
+        `shard` (global batch size, this rank's slice): x, y are this rank's part of the batch;
+        the loss is then weighted by that part's share, so the ranks' losses add up to the
+        loss of the whole batch."""
         cfg = self.cfg
         self.model.train()
+        total = shard[0] if shard is not None else x.shape[0]
+        share = x.shape[0] / total
+        reduce = self.dist.batchnorm_stats if shard is not None else None
         if cfg.method == "standard" or eps == 0:
-            loss = F.cross_entropy(self.model(x), y)
+            if shard is not None and self.has_bn:  # train-mode BatchNorm with statistics of the global batch
+                ctx = ir.EvalContext(bn_mode="batch", bn_reduce=reduce)
+                logits = self.graph.forward(x, ctx=ctx)
+                _update_running_stats(self.bn_pairs, ctx, total)
+            else:
+                logits = self.model(x)
+            loss = share * F.cross_entropy(logits, y)
             cert = float("nan")
         else:
-            region = select_region(self.model, x, y, eps, cfg.sabr_lambda, cfg.data_range, gen)
+            region = select_region(self.model, x, y, eps, cfg.sabr_lambda, cfg.data_range, gen, shard)
             ctx = None
             if self.has_bn:
-                ctx = ir.EvalContext(bn_mode="batch")
+                ctx = ir.EvalContext(bn_mode="batch", bn_reduce=reduce)
                 self.train_graph.forward(x, ctx=ctx)  # records the clean batch's statistics
                 if self.bn_pairs is not None:
-                    _update_running_stats(self.bn_pairs, ctx, x.shape[0])
+                    _update_running_stats(self.bn_pairs, ctx, total)
                 else:
                     with torch.no_grad():
                         self.model(x)  # train-mode forward: updates the running statistics
             cl = certified_loss(self.train_graph, self.domain, region, y, self.num_classes, ctx)
             loss = cl.loss
             if self.eps_at.in_ramp(epoch) and cfg.reg_weight > 0 and eps < cfg.eps:
-                reg = warmup_regularizer(self.train_graph, cl.store, region)
+                reg = warmup_regularizer(self.train_graph, cl.store, region)  # data parallel: per rank's shard
                 loss = loss + cfg.reg_weight * (1 - eps / cfg.eps) * reg
+            loss = share * loss
             others = torch.ones_like(cl.lower, dtype=torch.bool).scatter_(1, y[:, None], False)
-            cert = float(((cl.lower > 0) | ~others).all(1).float().mean())
-        if cfg.l1 > 0:
+            cert = share * float(((cl.lower > 0) | ~others).all(1).float().mean())
+        if cfg.l1 > 0 and self.is_main:  # a term of the weights: counted once over the ranks
             loss = loss + cfg.l1 * l1_penalty(self.model)
         return loss, cert
 
@@ -167,11 +191,14 @@ class Trainer:
         self._update()
         return loss, cert
 
-    def _loss_and_gradients(self, x, y, eps, epoch, gen=None) -> tuple[float, float]:
-        loss, cert = self.loss_on_batch(x, y, eps, epoch, gen)
+    def _loss_and_gradients(self, x, y, eps, epoch, gen=None, shard=None) -> tuple[float, float]:
+        loss, cert = self.loss_on_batch(x, y, eps, epoch, gen, shard)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        return float(loss.detach()), cert
+        if shard is None:
+            return float(loss.detach()), cert
+        self.dist.all_reduce_gradients(self.model.parameters())  # the gradient of the whole batch's loss
+        return self.dist.sum(float(loss.detach())), (self.dist.sum(cert) if cert == cert else cert)
 
     def _update(self) -> None:
         if self.cfg.grad_clip > 0:
@@ -220,15 +247,20 @@ class Trainer:
             if not interrupted:
                 self.partial = None  # the epoch goes on; `partial` describes only what was saved
 
+        progress = progress and self.is_main
         with Progress(self.steps_per_epoch, f"epoch {e + 1}/{cfg.epochs}", unit="steps", enabled=progress) as bar:
             bar.update(start)
             for s in range(start, self.steps_per_epoch):
                 undo = self._undo_state(attack_gen)
                 try:
                     idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                    shard = None
+                    if self.dist is not None:  # this rank's part of the batch
+                        shard = (len(idx), self.dist.shard(len(idx)))
+                        idx = idx[shard[1]]
                     x, y = self.xtr[idx].to(self.device), self.ytr[idx].to(self.device)
                     eps = self.eps_at(e, s)
-                    loss, cert = self._loss_and_gradients(x, y, eps, e, attack_gen)
+                    loss, cert = self._loss_and_gradients(x, y, eps, e, attack_gen, shard)
                 except KeyboardInterrupt:
                     self._undo(undo, attack_gen)  # as if step s had not started
                     keep(s)
@@ -250,8 +282,12 @@ class Trainer:
                     last_save = time.perf_counter()
         train_time = time.perf_counter() - t0
         try:
-            ev = evaluate(self.model, self.graph, self.xte, self.yte, cfg.eps, self.num_classes,
-                          seed=cfg.seed, data_range=cfg.data_range)
+            ev = None
+            if self.is_main:  # the other ranks hold the same weights: rank 0's figures are theirs
+                ev = evaluate(self.model, self.graph, self.xte, self.yte, cfg.eps, self.num_classes,
+                              seed=cfg.seed, data_range=cfg.data_range)
+            if self.dist is not None:
+                ev = self.dist.broadcast_object(ev)
         except KeyboardInterrupt:
             keep(self.steps_per_epoch)  # every step done; resume re-runs only the evaluation
             raise
@@ -271,15 +307,18 @@ class Trainer:
 
     def fit(self, progress: bool = True) -> list[dict]:
         """Train until `cfg.epochs` epochs are done, saving metrics and a checkpoint after each."""
-        os.makedirs(self.out_dir, exist_ok=True)
-        with atomic_write(os.path.join(self.out_dir, "config.json")) as f:
-            json.dump(self.cfg.to_dict(), f, indent=2)
+        if self.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with atomic_write(os.path.join(self.out_dir, "config.json")) as f:
+                json.dump(self.cfg.to_dict(), f, indent=2)
         while self.epoch < self.cfg.epochs:
             self.run_epoch(progress)
         return self.metrics
 
     # ---- persistence ----------------------------------------------------------------------
     def write_metrics(self) -> None:
+        if not self.is_main:
+            return
         os.makedirs(self.out_dir, exist_ok=True)
         with atomic_write(os.path.join(self.out_dir, "metrics.csv"), newline="") as f:
             w = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
@@ -288,6 +327,8 @@ class Trainer:
                 w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
 
     def save_checkpoint(self) -> None:
+        if not self.is_main:
+            return
         state = {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
                  "config": self.cfg.to_dict(), "metrics": self.metrics, "torch_rng": torch.get_rng_state(),
                  "partial": self.partial}

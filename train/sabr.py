@@ -61,7 +61,7 @@ def fused_eval_forward(model: nn.Module):
 
 
 def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, ball: Box, eps: float, steps: int = PGD_STEPS,
-               generator: Optional[torch.Generator] = None) -> Tensor:
+               generator: Optional[torch.Generator] = None, shard: Optional[tuple] = None) -> Tensor:
     """L∞ PGD on the cross-entropy, from one random start in `ball`; returns, per sample, the
     iterate with the highest loss seen. Runs the model in eval mode and restores its mode."""
     was_training = model.training
@@ -71,7 +71,10 @@ def pgd_attack(model: nn.Module, x: Tensor, y: Tensor, ball: Box, eps: float, st
     for p in trainable:
         p.requires_grad_(False)
     lo, hi = ball.lo.detach(), ball.hi.detach()
-    u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if shard is None:
+        u = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    else:  # (global batch size, this rank's slice): the starts a single process would draw
+        u = torch.rand((shard[0],) + tuple(x.shape[1:]), generator=generator, dtype=x.dtype)[shard[1]].to(x.device)
     x_adv = lo + u * (hi - lo)
     best, best_loss = x_adv.clone(), torch.full((x.shape[0],), -float("inf"), dtype=x.dtype, device=x.device)
     step = PGD_STEP_SIZE * eps
@@ -115,7 +118,8 @@ def small_box(center: Tensor, ball: Box, radius: float) -> Box:
 
 
 def select_region(model: nn.Module, x: Tensor, y: Tensor, eps: float, lam: float,
-                  data_range=(0.0, 1.0), generator: Optional[torch.Generator] = None) -> Box:
+                  data_range=(0.0, 1.0), generator: Optional[torch.Generator] = None,
+                  shard: Optional[tuple] = None) -> Box:
     """SABR's training region for a batch: the ε-ball itself for λ = 1 (IBP, no attack), the
     PGD point for λ = 0 (adversarial training), a λ·ε box around the PGD point in between."""
     ball = Box.linf_ball(x, eps, data_range)
@@ -123,5 +127,5 @@ def select_region(model: nn.Module, x: Tensor, y: Tensor, eps: float, lam: float
         return Box(ball.lo.detach(), ball.hi.detach())
     if eps == 0:
         return Box(x.detach(), x.detach())
-    x_adv = pgd_attack(model, x, y, ball, eps, generator=generator)
+    x_adv = pgd_attack(model, x, y, ball, eps, generator=generator, shard=shard)
     return small_box(x_adv, ball, lam * eps)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,11 +28,14 @@ class EvalContext:
 
     `bn_mode="batch"` makes BatchNorm normalise with the statistics of the batch it sees and
     record them in `bn_stats`; a bound propagation given the same context then reuses exactly
-    those statistics (SABR/IBP training needs the clean batch's statistics).
+    those statistics (SABR/IBP training needs the clean batch's statistics). `bn_reduce(x, dims)`
+    replaces the local (mean, biased variance) of a batch, e.g. by statistics over every rank
+    of a data-parallel run (train/distributed.py).
     """
 
     bn_mode: str = "running"  # "running" | "batch"
     bn_stats: dict = field(default_factory=dict)
+    bn_reduce: Optional[Callable] = None
 
 
 class Op:
@@ -163,7 +166,7 @@ class BatchNorm(Op):
             if not record:
                 raise RuntimeError(f"BatchNorm {self.key}: no batch statistics recorded; run a forward pass with this context first")
             dims = [0] + list(range(2, x.dim()))
-            stats = (x.mean(dims), x.var(dims, unbiased=False))
+            stats = ctx.bn_reduce(x, dims) if ctx.bn_reduce else (x.mean(dims), x.var(dims, unbiased=False))
             ctx.bn_stats[self.key] = stats
             return stats
         return self.running_mean, self.running_var
