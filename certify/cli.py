@@ -253,6 +253,8 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
         _reject_given(ctx, ["eps"], "with --vnnlib (the property gives the input box)")
         _reject_given(ctx, ["dataset", "split", "num_samples", "start", "data_range", "batch_size", "output",
                             "resume", "plot"], "to --vnnlib properties")
+        _reject_given(ctx, ["workers", "ray_address", "gpus_per_worker"], "to one --vnnlib property (it runs in this "
+                      "process; `verikit vnncomp INSTANCES.csv --workers N` spreads properties over workers)")
         cfg = _chain_config(flags, vnn=True)
         check_input_file(vnnlib_path, "--vnnlib", "VNN-LIB file")
         result_file = check_output_file(result_file, "--result-file") if result_file is not None else None

@@ -37,8 +37,8 @@ class ParallelOptions:
     max_retries: int = 2  # re-runs of a task whose worker died
 
     @property
-    def enabled(self) -> bool:
-        return self.workers > 1 or self.address is not None
+    def enabled(self) -> bool:  # otherwise the serial run in this process, without Ray
+        return self.workers > 1 or self.address is not None or self.gpus_per_worker > 0
 
 
 _ADDRESS = re.compile(r"^(ray://)?(\[[0-9a-fA-F:]+\]|[A-Za-z0-9_.\-]+):(\d{1,5})$")
@@ -56,8 +56,6 @@ def check_parallel(workers: Optional[int], address: Optional[str], gpus_per_work
         raise VerikitError(f"--gpus-per-worker must be a non-negative number, got {gpus_per_worker}")
     opts = ParallelOptions(workers=workers or (0 if address else 1), address=address, gpus_per_worker=gpus,
                            threads=threads)
-    if gpus and not opts.enabled:
-        raise VerikitError("--gpus-per-worker applies to Ray workers: give --workers N (N >= 2) or --ray ADDRESS")
     if opts.enabled:
         try:
             import ray  # noqa: F401

@@ -158,7 +158,7 @@ CERTIFY = [
     ("ray-port", "certify {model} --eps 0.1 --ray localhost:99999 -o {out}", "--ray"),
     ("gpus-per-worker-neg", "certify {model} --eps 0.1 --workers 2 --gpus-per-worker -1 -o {out}",
      "--gpus-per-worker"),
-    ("gpus-per-worker-alone", "certify {model} --eps 0.1 --gpus-per-worker 1 -o {out}", "--workers"),
+    ("gpus-per-worker-no-gpu", "certify {model} --eps 0.1 --gpus-per-worker 1 -o {out}", "no GPU"),
     ("model-argument-missing", "certify --eps 0.1 -o {out}", "MODEL"),
 ]
 VNNLIB = [
@@ -173,6 +173,7 @@ VNNLIB = [
     ("result-file-dir", "certify {sat} --vnnlib {prop} --result-file {dir}", "--result-file"),
     ("vnnlib-mismatch", "certify {model} --vnnlib {prop} --result-file {out}", "5 inputs"),
     ("vnnlib-timeout", "certify {sat} --vnnlib {prop} --timeout -1 --result-file {out}", "--timeout"),
+    ("vnnlib-workers", "certify {sat} --vnnlib {prop} --workers 2 --result-file {out}", "vnncomp"),
 ]
 VNNCOMP = [
     ("instances-missing", "vnncomp {indir}/none.csv -o {out}", "none.csv"),
