@@ -253,15 +253,15 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
         _reject_given(ctx, ["eps"], "with --vnnlib (the property gives the input box)")
         _reject_given(ctx, ["dataset", "split", "num_samples", "start", "data_range", "batch_size", "output",
                             "resume", "plot"], "to --vnnlib properties")
-        _reject_given(ctx, ["workers", "ray_address", "gpus_per_worker"], "to one --vnnlib property (it runs in this "
-                      "process; `verikit vnncomp INSTANCES.csv --workers N` spreads properties over workers)")
         cfg = _chain_config(flags, vnn=True)
         check_input_file(vnnlib_path, "--vnnlib", "VNN-LIB file")
         result_file = check_output_file(result_file, "--result-file") if result_file is not None else None
         mean_v, std_v = _floats(mean, "--mean"), _floats(std, "--std")
         _set_threads(flags["threads"])
         loaded = load_model(model, mean_v, std_v, flags["device"])
-        return _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json)
+        with _ray_session(parallel):
+            return _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json,
+                                   (parallel, mean_v, std_v, flags["device"]))
     _reject_given(ctx, ["result_file", "sat_unsat"], "without --vnnlib")
     if eps is None:
         raise VerikitError("give --eps (e.g. --eps 0.1) or --vnnlib PROPERTY")
@@ -388,14 +388,20 @@ class _DatasetRun:
         return f"{head}; finished records are in {self.output}; continue with:\n  verikit {shlex.join(argv)}"
 
 
-def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json):
+def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json, parallel=None):
     from .vnn import check_property, result_text
     from .vnnlib import load_vnnlib
 
     prop = load_vnnlib(vnnlib_path)
     cfg.onnx_path, cfg.onnx_input = loaded.path, loaded.onnx_input
     try:
-        res = check_property(loaded, prop, cfg)
+        if parallel is not None and parallel[0].enabled:  # the property's input boxes on Ray workers
+            from .parallel import check_property_parallel
+
+            opts, mean, std, device = parallel
+            res = check_property_parallel(loaded, mean, std, device, prop, cfg, opts)
+        else:
+            res = check_property(loaded, prop, cfg)
     except KeyboardInterrupt as e:
         click.echo("interrupted: the property was not decided" + (f"; {result_file} was not written" if result_file
                                                                    else ""), err=True)

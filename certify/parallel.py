@@ -26,6 +26,7 @@ from verikit.errors import VerikitError
 
 INSTALL_HINT = 'pip install "verikit[ray]"'
 ERROR = "error"
+STOP = object()  # returned by an `on_result` callback: the answer is known, cancel the rest
 
 
 @dataclass
@@ -153,7 +154,8 @@ def run_units(opts: ParallelOptions, function: Callable, units: Iterable, task_a
               on_result: Callable, on_failure: Callable[[object, str], None]) -> None:
     """Run `function(*task_args(unit))` as a Ray task per unit, at most a few more in flight
     than there are workers; `on_result(unit, value)` / `on_failure(unit, message)` run in the
-    driver as the tasks complete, in completion order."""
+    driver as the tasks complete, in completion order (`on_result` returning STOP cancels
+    the units still running or waiting)."""
     with ray_session(opts) as ray:
         from ray.exceptions import RayError, RayTaskError
 
@@ -185,7 +187,8 @@ def run_units(opts: ParallelOptions, function: Callable, units: Iterable, task_a
                     except RayError as e:  # the worker died, again and again
                         on_failure(unit, f"worker failed {opts.max_retries + 1} times ({type(e).__name__})")
                     else:
-                        on_result(unit, value)
+                        if on_result(unit, value) is STOP:
+                            return
                 submit()
         finally:
             for ref in pending:
@@ -281,3 +284,48 @@ def run_instances_parallel(todo: list, settings, results, opts: ParallelOptions,
         finish(inst, instance_row(inst, ERROR, 0.0, note), ERROR + "\n")
 
     run_units(opts, vnncomp_instance, todo, task_args, on_result, on_failure)
+
+
+# ---------------------------------------------------------------------------- one VNN-LIB property
+def check_property_parallel(loaded, mean, std, device: str, prop, cfg, opts: ParallelOptions):
+    """`check_property` with the property's cases (input boxes) on Ray workers: violated as
+    soon as one case has a re-checked counterexample (the others are cancelled), holds iff
+    every case is verified, unknown otherwise. A case whose task fails makes it unknown. Each
+    case gets the time left of the property's timeout when it starts."""
+    import time
+
+    from .vnn import HOLDS, UNKNOWN, VIOLATED, VnnResult
+    from .workers import ModelSpec, vnnlib_case
+
+    t0 = time.perf_counter()
+    spec = ModelSpec(os.path.abspath(loaded.path), loaded.path, tuple(mean) if mean else None,
+                     tuple(std) if std else None, "cuda" if opts.gpus_per_worker else device)
+    done, notes, found = {}, [], []
+    shared = {}
+
+    def task_args(ray, k):
+        if not shared:
+            shared["spec"] = ray.put(spec)
+        left = None if cfg.timeout is None else cfg.timeout - (time.perf_counter() - t0)
+        one = replace(prop, cases=[prop.cases[k]])
+        return shared["spec"], one, replace(cfg, timeout=left, onnx_path=None, onnx_input=None), opts.threads
+
+    def on_result(k, res):
+        done[k] = res
+        if res.answer == VIOLATED:
+            found.append(res)
+            return STOP
+        if res.note:
+            notes.append(res.note)
+
+    def on_failure(k, why):
+        done[k] = VnnResult(UNKNOWN, 0.0, [None], note=why)
+        notes.append(f"input box {k + 1}: {why}")
+
+    run_units(opts, vnnlib_case, range(len(prop.cases)), task_args, on_result, on_failure)
+    seconds = time.perf_counter() - t0
+    by = [b for k in sorted(done) for b in done[k].by]
+    if found:
+        return VnnResult(VIOLATED, seconds, by, found[0].x, found[0].y)
+    answer = HOLDS if len(done) == len(prop.cases) and all(r.answer == HOLDS for r in done.values()) else UNKNOWN
+    return VnnResult(answer, seconds, by, note="; ".join(sorted(set(notes))))

@@ -74,3 +74,12 @@ def vnncomp_instance(inst: dict, settings, threads: int) -> tuple:
     _threads(threads)
     settings = dataclasses.replace(settings, device=_device(settings.device), result_dir=None)
     return decide_instance(inst, settings, _VNN_MODELS)
+
+
+def vnnlib_case(spec: ModelSpec, prop, cfg, threads: int):
+    """The VnnResult of a property with one case (one input box of a --vnnlib property)."""
+    from .vnn import check_property
+
+    _threads(threads)
+    model = loaded_model(spec)
+    return check_property(model, prop, dataclasses.replace(cfg, onnx_path=model.path, onnx_input=model.onnx_input))

@@ -173,7 +173,7 @@ VNNLIB = [
     ("result-file-dir", "certify {sat} --vnnlib {prop} --result-file {dir}", "--result-file"),
     ("vnnlib-mismatch", "certify {model} --vnnlib {prop} --result-file {out}", "5 inputs"),
     ("vnnlib-timeout", "certify {sat} --vnnlib {prop} --timeout -1 --result-file {out}", "--timeout"),
-    ("vnnlib-workers", "certify {sat} --vnnlib {prop} --workers 2 --result-file {out}", "vnncomp"),
+    ("vnnlib-workers", "certify {sat} --vnnlib {prop} --workers 0 --result-file {out}", "--workers"),
 ]
 VNNCOMP = [
     ("instances-missing", "vnncomp {indir}/none.csv -o {out}", "none.csv"),

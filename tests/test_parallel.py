@@ -206,6 +206,50 @@ def test_a_killed_driver_resumes_on_the_cluster_to_the_uninterrupted_summary(clu
     _same_records({r["index"]: r for r in got}, recs)
 
 
+def _split_property(path):
+    """tests/data/test_prop.vnnlib with X_3 and X_4 each cut in halves: 4 input boxes (cases)."""
+    from conftest import TEST_DATA
+
+    fixed = {0: (-0.30353115613746867, -0.29855281193475053), 1: (-0.009549296585513092, 0.009549296585513092),
+             2: (0.4933803235848431, 0.49999999998567607)}
+    head = "".join(f"(declare-const X_{i} Real)\n" for i in range(5)) + \
+        "".join(f"(declare-const Y_{j} Real)\n" for j in range(5))
+    out = " ".join(f"(<= Y_0 Y_{j})" for j in range(1, 5))
+    cases = []
+    for lo3, hi3 in ((0.3, 0.4), (0.4, 0.5)):
+        for lo4, hi4 in ((0.3, 0.4), (0.4, 0.5)):
+            box = {**fixed, 3: (lo3, hi3), 4: (lo4, hi4)}
+            cons = " ".join(f"(>= X_{i} {lo!r}) (<= X_{i} {hi!r})" for i, (lo, hi) in sorted(box.items()))
+            cases.append(f"(and {cons} {out})")
+    path.write_text(head + "(assert (or " + " ".join(cases) + "))\n")
+    return str(path), TEST_DATA
+
+
+@pytest.mark.parametrize("net,answer", [("test_unsat.onnx", "holds"), ("test_sat.onnx", "violated")])
+def test_a_vnnlib_property_with_several_input_boxes_on_two_workers(cluster, tmp_path, net, answer):
+    from verikit.certify.vnnlib import load_vnnlib
+
+    prop, data = _split_property(tmp_path / "split.vnnlib")
+    assert len(load_vnnlib(prop).cases) == 4
+    args = ["certify", os.path.join(data, net), "--vnnlib", prop, "--domains", "box,crown", "--threads", "1", "--json"]
+    ser = _run(*args, "--result-file", tmp_path / "s.txt")
+    par = _run(*args, "--result-file", tmp_path / "p.txt", "--workers", "2")
+    assert ser.exit_code == 0 and par.exit_code == 0, par.output
+    assert json.loads(par.stdout)["result"] == json.loads(ser.stdout)["result"] == answer
+    assert (tmp_path / "p.txt").read_text().splitlines()[0] == answer
+    if answer == "holds":
+        assert json.loads(par.stdout)["settled_by"] == json.loads(ser.stdout)["settled_by"]
+    else:  # the counterexample lies in one of the boxes and violates the output property
+        import numpy as np
+
+        text = (tmp_path / "p.txt").read_text()
+        vals = dict((k, float(v)) for k, v in (t.strip("() \n").split() for t in text.split("\n", 1)[1].split(")")
+                                              if t.strip("() \n")))
+        y = np.array([vals[f"Y_{j}"] for j in range(5)])
+        assert all(y[0] <= y[j] for j in range(1, 5))
+        assert 0.3 <= vals["X_3"] <= 0.5 and 0.3 <= vals["X_4"] <= 0.5
+
+
 def test_workers_without_ray_say_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails as if it were not installed
     for args in (["certify", "mnist-ibp-0.1", "--eps", "0.1", "--workers", "2", "-o", tmp_path / "x.jsonl"],
