@@ -46,16 +46,22 @@ def _rule_for(op: ir.Op) -> Callable:
 
 
 def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = None, ctx=None,
-                  widen: Union[None, dict, Callable] = None) -> BoundStore:
+                  widen: Union[None, dict, Callable] = None, after: Optional[str] = None) -> BoundStore:
     """Interval bounds for every node of `graph`; intersected with (and written into) `store`.
 
     `widen` (the float-sound mode) enlarges each node's interval by a radius: a dict node ->
-    radius, or a function (node, input boxes, output box) -> radius or None."""
+    radius, or a function (node, input boxes, output box) -> radius or None. `after`: only the
+    nodes after this one (in graph order) are recomputed, from the store's bounds of the
+    others (the same result when only that node's bounds changed since the last pass)."""
     graph.check_input(inputs.lo)
     store = store if store is not None else BoundStore()
-    boxes = {graph.input_name: store.update(graph.input_name, inputs)}
-    for node in graph.nodes:
-        ins = [boxes[i] for i in node.inputs]
+    boxes = {graph.input_name: store.update(graph.input_name, inputs) if after is None else store[graph.input_name]}
+    nodes = graph.nodes
+    if after is not None:
+        start = next(i for i, n in enumerate(nodes) if n.name == after) + 1
+        nodes = nodes[start:]
+    for node in nodes:
+        ins = [boxes[i] if i in boxes else store[i] for i in node.inputs]
         out = _rule_for(node.op)(node.op, ins, ctx)
         r = None if widen is None else (widen.get(node.name) if isinstance(widen, dict) else widen(node, ins, out))
         if r is not None:

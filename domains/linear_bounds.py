@@ -37,7 +37,9 @@ from verikit.bounds import Box, BoundStore
 from verikit.errors import VerikitError
 
 from .box import propagate_box
+from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, tighten
 from .relaxations import LinearRelaxation, MaxPoolRelaxation, maxpool_relaxation, relaxation_for
+from .relu_chain import ReluChains
 
 # activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
 _PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
@@ -102,7 +104,7 @@ class LinearBoundEngine:
 
     def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
                  variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True,
-                 errors: Optional[dict] = None):
+                 errors: Optional[dict] = None, fast_paths: bool = True, per_sample_rows: bool = False):
         if max_rows_per_chunk < 2:
             raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
         self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
@@ -117,6 +119,12 @@ class LinearBoundEngine:
         # node -> radius (B, *shape) by which the node's value may differ from its op's exact
         # result (float-sound mode): it loosens every bound through that node by <|lam|, radius>
         self.errors = errors or {}
+        # live-neuron chains (relu_chain.py), the reshape transpose, the partial interval
+        # refresh: same bounds to float rounding; off only to compare against the general rules
+        self.fast_paths = bool(fast_paths)
+        # each sample's own unstable rows (linear_rows.py): batch-independent bounds, fewer rows
+        self.per_sample_rows = bool(per_sample_rows)
+        self.chains = ReluChains(self) if self.fast_paths else None
         self.rows_bounded = 0  # statistics, reported by the domains
         self.nodes_refined = 0
         # branch and bound (alpha_beta.py): node names whose incoming coefficients lower_bound
@@ -168,6 +176,8 @@ class LinearBoundEngine:
                 self._affine[node.name] = (scale.unsqueeze(1), shift)
             scale, shift = self._affine[node.name]
             return (lam * scale,), _flat_dot(lam, shift.expand_as(lam[:, 0]))
+        if self.fast_paths and isinstance(op, ir.Reshape):  # the transpose of a reshape is a reshape
+            return (lam.reshape(lam.shape[:2] + tuple(self.graph.shapes[node.inputs[0]])),), None
         if node.name not in self._affine:
             zeros = [torch.zeros((self.batch,) + tuple(self.graph.shapes[i]), device=self.device, dtype=self.dtype)
                      for i in node.inputs]
@@ -269,6 +279,13 @@ class LinearBoundEngine:
                 err = self.errors[node.name]
                 const = const - (_flat_dot(lam_n.lam.abs(), lam_n.region(err)) if isinstance(lam_n, Window)
                                  else _flat_dot(lam_n.abs(), err))
+            steps = self._chain_steps(node, lam_n)
+            if steps is not None:  # Linear/ReLU chain on live neurons only (relu_chain.py)
+                lam_b, c = self.chains.run(steps, lam_n, alphas, self.errors)
+                const = const + c
+                bottom = steps[-1].inputs[0]
+                pending[bottom] = _accumulate(pending.get(bottom), lam_b, self.graph.shapes[bottom])
+                continue
             out = None
             if isinstance(lam_n, Window):
                 out = None if node.name in splits else self._window_backward(node, lam_n, alphas)
@@ -302,6 +319,12 @@ class LinearBoundEngine:
             const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)
         return const
 
+    def _chain_steps(self, node: ir.Node, lam) -> Optional[list]:
+        """The Linear/ReLU chain starting at `node`, when the fast path may take it."""
+        if self.chains is None or isinstance(lam, Window):
+            return None
+        return self.chains.steps(node)
+
     def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,
         in chunks of at most `max_rows_per_chunk` rows over the whole batch."""
@@ -317,7 +340,7 @@ class LinearBoundEngine:
             if self.windows and len(shape) == 3:
                 lb = self.lower_bound(name, self._one_hot_window(chunk, shape))
             elif node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
-                lb = self._linear_rows(node, chunk)
+                lb = linear_rows(self, node, chunk)
             else:
                 lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
                 ar = torch.arange(k, device=self.device)
@@ -361,38 +384,29 @@ class LinearBoundEngine:
         lam[:, ar + k, c, h - top, w - left] = -1.0
         return Window(lam, top, left)
 
-    def _linear_rows(self, node: ir.Node, rows: Tensor) -> Tensor:
-        """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
-        product: the coefficients on its input are just the selected weight rows."""
-        w, b = node.op.weight, node.op.bias
-        B = self.batch
-        w = w[..., rows, :] if w.dim() == 3 else w[rows].expand(B, -1, -1)
-        lam = torch.cat([w, -w], 1)
-        lb = self.lower_bound(node.inputs[0], lam)
-        if b is not None:
-            b = b[..., rows].expand(B, -1)
-            lb = lb + torch.cat([b, -b], 1)
-        if node.name in self.errors:  # the Linear's own error radius (skipped by starting at its input)
-            e = self.errors[node.name].reshape(B, -1)[:, rows]
-            lb = lb - torch.cat([e, e], 1)
-        return lb
-
     def refine_node(self, name: str) -> Box:
         """Back-substitute the neurons of `name` whose bounds matter, intersect with the store."""
         box = self.store[name]
         B = box.lo.shape[0]
         lo, hi = box.lo.reshape(B, -1), box.hi.reshape(B, -1)
         users = [self.graph.node(u).op for u in self.graph.consumers()[name]]
+        own = None
         if all(isinstance(op, _PIECEWISE_LINEAR) for op in users):
-            rows = ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
+            need = (lo < 0) & (hi > 0)
+            rows = need.any(0).nonzero().flatten()
+            windowed = self.windows and len(self.graph.shapes[name]) == 3
+            own = per_sample_rows(need) if self.per_sample_rows and not windowed else None
         else:
             rows = torch.arange(lo.shape[1], device=lo.device)
         if rows.numel() == 0:
             return box
-        new_lo, new_hi = self.bound_rows(name, rows)
         lo, hi = lo.clone(), hi.clone()
-        lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
-        hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+        if own is not None:  # each sample's own unstable neurons
+            tighten(lo, hi, *own, *bound_rows_per_sample(self, name, own[0]))
+        else:
+            new_lo, new_hi = self.bound_rows(name, rows)
+            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
         self.nodes_refined += 1
         return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
 
@@ -429,7 +443,8 @@ class LinearBoundEngine:
             if self.box_is_exact(name):
                 continue
             self.refine_node(name)
-            propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None)
+            propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None,
+                          after=name if self.fast_paths else None)
 
 
 def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor, Optional[Tensor]]:
@@ -445,12 +460,14 @@ def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor
 
 
 def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
-            max_rows_per_chunk: int, spatial_windows: bool = True, errors: Optional[dict] = None) -> LinearBoundEngine:
+            max_rows_per_chunk: int, spatial_windows: bool = True, errors: Optional[dict] = None,
+            fast_paths: bool = True, per_sample_rows: bool = False) -> LinearBoundEngine:
     """Interval bounds first (reusing and tightening `store`), then back-substituted bounds for
     every pre-activation node: the state both DeepPoly and CROWN bound the output from.
     `errors`: per-node error radii of the float-sound mode (see LinearBoundEngine)."""
     store = propagate_box(graph, inputs, store, ctx, widen=errors)
-    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows, errors)
+    engine = LinearBoundEngine(graph, store, ctx, variant, max_rows_per_chunk, spatial_windows, errors, fast_paths,
+                               per_sample_rows)
     engine.refine_intermediate()
     return engine
 

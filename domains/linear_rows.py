@@ -1,0 +1,92 @@
+"""Which neurons of a layer to back-substitute, and bounding them per sample.
+
+Only neurons whose relaxation can still change need back-substituted bounds: for a layer read
+only by ReLU-like ops, those unstable (lo < 0 < hi) under the current bounds. In a batch the
+unstable sets differ between samples. By default the engine bounds the union for every sample
+(one shared row list). With `per_sample_rows`, each sample bounds only its own unstable
+neurons (padded to the largest count; padding rows are bounded but not written back): fewer
+rows, and bounds that do not depend on the batch (equal to bounding each sample alone). It is
+not the default because it changes bounds: with the union, a neuron stable in one sample
+still gets its back-substituted bound there, which narrows the interval refresh of the layers
+after it and usually (CROWN is not monotone in intermediate bounds: not always) tightens the
+output.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from verikit import ir
+
+# per-sample rows when their padded count is below this share of the union over the batch
+PER_SAMPLE_SHARE = 0.8
+
+
+def per_sample_rows(need: Tensor):
+    """(rows (B, k), valid (B, k)) for the neurons `need` (B, n) of each sample, or None when
+    the shared union is about as small (the same bounds then, at no extra cost). Each sample's rows come first, in order, then rows it
+    does not need as padding (distinct within the sample)."""
+    B = need.shape[0]
+    if B == 1:
+        return None
+    union = int(need.any(0).sum())
+    most = int(need.sum(1).max())
+    if most == 0 or most >= PER_SAMPLE_SHARE * union:
+        return None
+    rows = torch.argsort((~need).to(torch.int8), dim=1, stable=True)[:, :most]
+    return rows, need.gather(1, rows)
+
+
+def bound_rows_per_sample(engine, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower and upper bounds (B, k) of the flat neurons rows[b] of node `name` in sample b,
+    in chunks of at most the engine's `max_rows_per_chunk` rows over the whole batch."""
+    B, k_all = rows.shape
+    per_chunk = max(1, engine.max_rows // (2 * B))
+    node = engine.graph.node(name) if name != engine.graph.input_name else None
+    shape = tuple(engine.graph.shapes[name])
+    n = math.prod(shape)
+    lows, highs = [], []
+    for chunk in rows.split(per_chunk, dim=1):
+        k = chunk.shape[1]
+        if node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
+            lb = linear_rows(engine, node, chunk)
+        else:
+            lam = torch.zeros(B, 2 * k, n, device=engine.device, dtype=engine.dtype)
+            lam[:, :k].scatter_(2, chunk.unsqueeze(-1), 1.0)
+            lam[:, k:].scatter_(2, chunk.unsqueeze(-1), -1.0)
+            lb = engine.lower_bound(name, lam.reshape((B, 2 * k) + shape))
+        lows.append(lb[:, :k])
+        highs.append(-lb[:, k:])
+        engine.rows_bounded += 2 * k * B
+    return torch.cat(lows, 1), torch.cat(highs, 1)
+
+
+def linear_rows(engine, node: ir.Node, rows: Tensor) -> Tensor:
+    """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
+    product: the coefficients on its input are just the selected weight rows. `rows`: (k,)
+    for every sample, or (B, k) per sample."""
+    w, b = node.op.weight, node.op.bias
+    B = engine.batch
+    if rows.dim() == 1:
+        take = lambda t: t[..., rows].expand(B, -1)
+        w = w[..., rows, :] if w.dim() == 3 else w[rows].expand(B, -1, -1)
+    else:
+        take = lambda t: t.expand(B, -1).gather(1, rows)
+        w = w.gather(1, rows.unsqueeze(-1).expand(-1, -1, w.shape[-1])) if w.dim() == 3 else w[rows]
+    lb = engine.lower_bound(node.inputs[0], torch.cat([w, -w], 1))
+    if b is not None:
+        b = take(b)
+        lb = lb + torch.cat([b, -b], 1)
+    if node.name in engine.errors:  # the Linear's own error radius (skipped by starting at its input)
+        e = take(engine.errors[node.name].reshape(B, -1))
+        lb = lb - torch.cat([e, e], 1)
+    return lb
+
+
+def tighten(lo: Tensor, hi: Tensor, rows: Tensor, valid: Tensor, new_lo: Tensor, new_hi: Tensor) -> None:
+    """Intersect lo, hi (B, n) in place with the new bounds of rows[b] where valid."""
+    old_lo, old_hi = lo.gather(1, rows), hi.gather(1, rows)
+    lo.scatter_(1, rows, torch.where(valid, torch.maximum(old_lo, new_lo), old_lo))
+    hi.scatter_(1, rows, torch.where(valid, torch.minimum(old_hi, new_hi), old_hi))

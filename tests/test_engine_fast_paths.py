@@ -1,0 +1,201 @@
+"""The back-substitution engine's fast paths (issue 15) against its general rules: live-neuron
+Linear/ReLU chains (domains/relu_chain.py), per-sample row selection (domains/linear_rows.py),
+the reshape transpose and the partial interval refresh. Every bound the fast engine stores or
+returns equals the general engine's to float64 rounding, and is sound by sampling."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from verikit import ir
+from verikit.bounds import Box
+from verikit.domains import float_sound, linear_bounds as lb, linear_rows, relu_chain
+from verikit.domains.crown import optimise_alpha
+from verikit.domains.guard import backsub_guard
+from verikit.spec import Spec, fold_spec
+
+import backsub_graphs as bg
+
+DT = torch.float64
+
+
+def relu_mlp(seed=0, widths=(5, 16, 16, 16, 4), dead_bias=-0.4, flat_input=False, dtype=DT):
+    """Linear/ReLU layers with negative biases, so that many neurons are stably inactive."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (1, widths[0]) if flat_input else (widths[0],)
+    b = ir.GraphBuilder("x", shape, dtype)
+    h = b.add("flat", ir.Reshape((widths[0],)), ["x"]) if flat_input else "x"
+    for i in range(len(widths) - 1):
+        w = (torch.randn(widths[i + 1], widths[i], generator=gen, dtype=DT) / widths[i] ** 0.5).to(dtype)
+        bias = (torch.randn(widths[i + 1], generator=gen, dtype=DT) * 0.3 + dead_bias).to(dtype)
+        h = b.add(f"fc{i}", ir.Linear(w, bias), [h])
+        if i < len(widths) - 2:
+            h = b.add(f"relu{i}", ir.ReLU(), [h])
+    return b.build(h), shape
+
+
+def shared_relu_net(seed=0):
+    """A ReLU read by two Linears (summed): a chain must stop there."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (4,), DT)
+    h = b.add("fc0", bg._lin(gen, 10, 4), ["x"])
+    r = b.add("relu0", ir.ReLU(), [h])
+    a = b.add("fa", bg._lin(gen, 8, 10), [r])
+    c = b.add("fb", bg._lin(gen, 8, 10), [r])
+    s = b.add("sum", ir.Add(), [a, c])
+    r2 = b.add("relu1", ir.ReLU(), [s])
+    h = b.add("fc2", bg._lin(gen, 8, 8), [r2])
+    r3 = b.add("relu2", ir.ReLU(), [h])
+    return b.build(b.add("out", bg._lin(gen, 3, 8), [r3])), (4,)
+
+
+GRAPHS = {
+    "mlp": relu_mlp(0),
+    "mlp-flatten": relu_mlp(1, flat_input=True),
+    "mlp-wide": relu_mlp(2, widths=(6, 40, 30, 20, 5), dead_bias=-0.2),
+    "shared-relu": shared_relu_net(),
+    **{k: v for k, v in bg.graphs().items()},
+}
+
+
+def engines(graph, box, variant="crown", errors=None, **kw):
+    out = []
+    for fast in (False, True):
+        with torch.no_grad():
+            e = lb.prepare(graph, box, None, None, variant, 4096, errors=errors, fast_paths=fast, **kw)
+            lo, hi = lb.output_bounds(e)
+        out.append((e, lo, hi))
+    return out
+
+
+def assert_same(slow, fast, tol=1e-9):
+    (es, los, his), (ef, lof, hif) = slow, fast
+    torch.testing.assert_close(lof, los, rtol=tol, atol=tol)
+    torch.testing.assert_close(hif, his, rtol=tol, atol=tol)
+    for node in es.graph.nodes:
+        a, b = es.store[node.name], ef.store[node.name]
+        torch.testing.assert_close(b.lo, a.lo, rtol=tol, atol=tol, msg=node.name)
+        torch.testing.assert_close(b.hi, a.hi, rtol=tol, atol=tol, msg=node.name)
+
+
+def _box(shape, batch, seed, width=0.5):
+    return bg.input_box(torch.Generator().manual_seed(seed), shape, batch=batch, width=width)
+
+
+@pytest.mark.parametrize("variant", ["crown", "deeppoly"])
+@pytest.mark.parametrize("batch", [1, 6])
+@pytest.mark.parametrize("name", list(GRAPHS))
+def test_fast_paths_equal_general_rules(name, batch, variant):
+    graph, shape = GRAPHS[name]
+    assert_same(*engines(graph, _box(shape, batch, 3), variant))
+
+
+@pytest.mark.parametrize("mode", ["per-sample", "shared"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-wide", "shared-relu"])
+def test_forced_neuron_indexing_modes(monkeypatch, name, mode):
+    """Per-sample and shared live-neuron indexing, each forced everywhere, give the general
+    rules' bounds."""
+    monkeypatch.setattr(relu_chain, "PER_SAMPLE_SHARE", 2.0 if mode == "per-sample" else 0.0)
+    graph, shape = GRAPHS[name]
+    slow, fast = engines(graph, _box(shape, 7, 4, width=0.8))
+    assert_same(slow, fast)
+    modes = {live.per_sample for live in fast[0].chains._live.values()}
+    assert modes == {mode == "per-sample"}
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "relu-mlp", "conv-mix"])
+def test_per_sample_rows_equal_one_sample_at_a_time(monkeypatch, name):
+    """per_sample_rows: each sample's bounds are those it gets alone (batch 1), from fewer rows
+    than the union. (The union's bounds differ: its extra rows tighten intermediate bounds,
+    which usually, not always, tightens the output: CROWN is not monotone in them.)"""
+    monkeypatch.setattr(linear_rows, "PER_SAMPLE_SHARE", 2.0)  # per-sample wherever it applies
+    graph, shape = GRAPHS[name]
+    box = _box(shape, 5, 11, width=0.8)
+    with torch.no_grad():
+        own = lb.prepare(graph, box, None, None, "crown", 4096, per_sample_rows=True)
+        union = lb.prepare(graph, box, None, None, "crown", 4096)
+        lo, hi = lb.output_bounds(own)
+        ulo, uhi = lb.output_bounds(union)
+        for b in range(5):
+            one = lb.prepare(graph, Box(box.lo[b:b + 1], box.hi[b:b + 1]), None, None, "crown", 4096)
+            olo, ohi = lb.output_bounds(one)
+            torch.testing.assert_close(lo[b:b + 1], olo, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(hi[b:b + 1], ohi, rtol=1e-9, atol=1e-9)
+    assert own.rows_bounded <= union.rows_bounded
+    if name == "mlp-flatten":  # samples with different unstable neurons
+        assert own.rows_bounded < union.rows_bounded
+
+
+def test_fast_path_is_taken_and_skips_dead_neurons():
+    graph, shape = GRAPHS["mlp-wide"]
+    (es, *_), (ef, *_) = engines(graph, _box(shape, 1, 5))
+    assert ef.chains._live, "no chain was used"
+    for name, live in ef.chains._live.items():
+        n = graph.shapes[name][0]
+        assert live.idx.numel() < n  # the dead neurons are left out
+    assert ef.rows_bounded == es.rows_bounded
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu"])
+def test_fast_paths_sound_by_sampling(name):
+    graph, shape = GRAPHS[name]
+    box = _box(shape, 4, 6, width=0.7)
+    _, (e, lo, hi) = engines(graph, box)
+    xs = box.sample(500, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = graph.forward(xs.reshape((-1,) + tuple(xs.shape[2:])), return_all=True)
+    for node, v in values.items():
+        v = v.reshape(xs.shape[:2] + v.shape[1:])
+        stored = e.store[node]
+        assert ((v >= stored.lo - 1e-9) & (v <= stored.hi + 1e-9)).all(), node
+    y = values[graph.output].reshape(xs.shape[0], xs.shape[1], -1)
+    assert (y >= lo - 1e-9).all() and (y <= hi + 1e-9).all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "mlp-wide"])
+def test_eps_zero_gives_the_output(name):
+    graph, shape = GRAPHS[name]
+    x = _box(shape, 3, 7).center
+    _, (e, lo, hi) = engines(graph, Box(x, x))
+    with torch.no_grad():
+        y = graph.forward(x).reshape(3, -1)
+    torch.testing.assert_close(lo, y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hi, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_alpha_crown_and_folded_spec_equal(batch):
+    """The folded spec's per-sample weights start the chain; alpha steps run through it."""
+    graph, shape = GRAPHS["mlp-wide"]
+    box = _box(shape, batch, 8, width=0.6)
+    spec = Spec.robustness(torch.arange(batch) % 5, 5)
+    spec = spec.to(dtype=DT)
+    folded = fold_spec(graph, spec)
+    slow, fast = engines(folded, box)
+    assert_same(slow, fast)
+    a_slow = optimise_alpha(slow[0], slow[1], 8, 0.1)
+    a_fast = optimise_alpha(fast[0], fast[1], 8, 0.1)
+    assert (a_slow > slow[1] + 1e-6).any()  # the steps did something
+    torch.testing.assert_close(a_fast, a_slow, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("flat_input", [False, True])
+def test_rounding_guard_and_sound_mode_on_fast_paths(flat_input):
+    """The errors hook: the guard (errors on the Linears only) and the float-sound mode (an
+    error on every node, ReLUs included) give the general rules' figures."""
+    graph, shape = relu_mlp(10, flat_input=flat_input, dtype=torch.float32)
+    box = _box(shape, 3, 9).to(dtype=torch.float32)
+    slow, fast = engines(graph, box)
+    # the guard is a difference of two float32 bounds of size ~1: equal to their rounding
+    torch.testing.assert_close(backsub_guard(fast[0]), backsub_guard(slow[0]), rtol=0, atol=1e-6)
+    assert float(backsub_guard(fast[0]).max()) > 0
+    sound = []
+    for fast_paths in (False, True):
+        folded, x64, store, errors = float_sound.sound_setup(graph, box, None, None, None)
+        with torch.no_grad():
+            e = lb.prepare(folded, x64, store, None, "crown", 4096, errors=errors, fast_paths=fast_paths)
+            sound.append(lb.output_bounds(e))
+        assert not fast_paths or e.chains._live
+    torch.testing.assert_close(sound[1][0], sound[0][0], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(sound[1][1], sound[0][1], rtol=1e-9, atol=1e-12)
+    assert (sound[1][0] < slow[1].double()).all()  # the error terms were charged
