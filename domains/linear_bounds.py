@@ -279,7 +279,7 @@ class LinearBoundEngine:
                 err = self.errors[node.name]
                 const = const - (_flat_dot(lam_n.lam.abs(), lam_n.region(err)) if isinstance(lam_n, Window)
                                  else _flat_dot(lam_n.abs(), err))
-            steps = self._chain_steps(node, lam_n)
+            steps = self._chain_steps(node, lam_n, splits)
             if steps is not None:  # Linear/ReLU chain on live neurons only (relu_chain.py)
                 lam_b, c = self.chains.run(steps, lam_n, alphas, self.errors)
                 const = const + c
@@ -319,11 +319,15 @@ class LinearBoundEngine:
             const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)
         return const
 
-    def _chain_steps(self, node: ir.Node, lam) -> Optional[list]:
-        """The Linear/ReLU chain starting at `node`, when the fast path may take it."""
+    def _chain_steps(self, node: ir.Node, lam, splits: dict) -> Optional[list]:
+        """The Linear/ReLU chain starting at `node`, when the fast path may take it: not where
+        a split term or a captured coefficient needs a node's full coefficients."""
         if self.chains is None or isinstance(lam, Window):
             return None
-        return self.chains.steps(node)
+        steps = self.chains.steps(node)
+        if steps is None or any(n.name in splits or n.name in self.capture for n in steps):
+            return None
+        return steps
 
     def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,

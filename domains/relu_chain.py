@@ -67,7 +67,7 @@ class ReluChains:
         self.graph = engine.graph
         self.users = self.graph.consumers()
         self._steps: dict[str, Optional[list]] = {}
-        self._live: dict[str, LiveNeurons] = {}
+        self._live: dict[str, tuple] = {}  # node -> (its relaxation, LiveNeurons)
         self._weights: dict[tuple, tuple] = {}
 
     # ------------------------------------------------------------ structure
@@ -109,34 +109,37 @@ class ReluChains:
 
     # ------------------------------------------------------------ live neurons and weights
     def live(self, node: ir.Node) -> LiveNeurons:
-        if node.name not in self._live:
-            rel = self.engine.relaxation(node)
-            lo_s, up_s, lo_b, up_b = rel.lower_slope, rel.upper_slope, rel.lower_bias, rel.upper_bias
-            B, n = lo_s.shape
-            alive = (lo_s != 0) | (up_s != 0) | (lo_b != 0) | (up_b != 0)
-            if rel.alpha_mask is not None:
-                alive = alive | rel.alpha_mask
-            most = max(1, int(alive.sum(1).max()))
-            union = alive.any(0).nonzero().flatten()
-            if union.numel() == 0:
-                union = union.new_zeros(1)  # a dead neuron: zero slopes, zero coefficients
-            widest = max(n, self.graph.shapes[self.graph.node(node.inputs[0]).inputs[0]][0])
-            per_sample = B > 1 and most < PER_SAMPLE_SHARE * union.numel() and B * most * widest <= PER_SAMPLE_ELEMENTS
-            if per_sample:  # live neurons first (in order), then dead ones as padding
-                idx = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :most]
-            else:
-                idx = union
-            pick = lambda t: (t.gather(1, idx) if per_sample else t[:, idx]).unsqueeze(1)
-            self._live[node.name] = LiveNeurons(
-                idx, per_sample, pick(lo_s), pick(up_s), pick(lo_b) if bool((lo_b != 0).any()) else None, pick(up_b),
-                pick(rel.alpha_mask) if rel.alpha_mask is not None else None)
-        return self._live[node.name]
+        rel = self.engine.relaxation(node)
+        if node.name not in self._live or self._live[node.name][0] is not rel:  # a caller may replace relaxations
+            self._live[node.name] = (rel, self._live_neurons(node, rel))
+        return self._live[node.name][1]
+
+    def _live_neurons(self, node: ir.Node, rel) -> LiveNeurons:
+        lo_s, up_s, lo_b, up_b = rel.lower_slope, rel.upper_slope, rel.lower_bias, rel.upper_bias
+        B, n = lo_s.shape
+        alive = (lo_s != 0) | (up_s != 0) | (lo_b != 0) | (up_b != 0)
+        if rel.alpha_mask is not None:
+            alive = alive | rel.alpha_mask
+        most = max(1, int(alive.sum(1).max()))
+        union = alive.any(0).nonzero().flatten()
+        if union.numel() == 0:
+            union = union.new_zeros(1)  # a dead neuron: zero slopes, zero coefficients
+        widest = max(n, self.graph.shapes[self.graph.node(node.inputs[0]).inputs[0]][0])
+        per_sample = B > 1 and most < PER_SAMPLE_SHARE * union.numel() and B * most * widest <= PER_SAMPLE_ELEMENTS
+        if per_sample:  # live neurons first (in order), then dead ones as padding
+            idx = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :most]
+        else:
+            idx = union
+        pick = lambda t: (t.gather(1, idx) if per_sample else t[:, idx]).unsqueeze(1)
+        return LiveNeurons(idx, per_sample, pick(lo_s), pick(up_s), pick(lo_b) if bool((lo_b != 0).any()) else None,
+                           pick(up_b), pick(rel.alpha_mask) if rel.alpha_mask is not None else None)
 
     def weights(self, node: ir.Node, rows: Optional[LiveNeurons], cols: Optional[LiveNeurons]):
         """The Linear's weight (…, out, in) and bias restricted to live output neurons `rows`
         and live input neurons `cols` (None: all of them)."""
         key = (node.name, rows is not None, cols is not None)
-        if key not in self._weights:
+        cached = self._weights.get(key)
+        if cached is None or cached[0] is not rows or cached[1] is not cols:
             with torch.no_grad():
                 w, b = node.op.weight.detach(), node.op.bias
                 b = b.detach() if b is not None else None
@@ -156,8 +159,8 @@ class ReluChains:
                         w = w[..., cols.idx]
                 if b is not None:
                     b = b.expand(B, -1).unsqueeze(1)  # (B, 1, out)
-                self._weights[key] = (w.contiguous(), b)
-        return self._weights[key]
+                self._weights[key] = (rows, cols, w.contiguous(), b)
+        return self._weights[key][2:]
 
     # ------------------------------------------------------------ back-substitution
     def run(self, steps: list, lam: Tensor, alphas: Optional[dict], errors: dict):

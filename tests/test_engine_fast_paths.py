@@ -99,7 +99,7 @@ def test_forced_neuron_indexing_modes(monkeypatch, name, mode):
     graph, shape = GRAPHS[name]
     slow, fast = engines(graph, _box(shape, 7, 4, width=0.8))
     assert_same(slow, fast)
-    modes = {live.per_sample for live in fast[0].chains._live.values()}
+    modes = {live.per_sample for _, live in fast[0].chains._live.values()}
     assert modes == {mode == "per-sample"}
 
 
@@ -130,7 +130,7 @@ def test_fast_path_is_taken_and_skips_dead_neurons():
     graph, shape = GRAPHS["mlp-wide"]
     (es, *_), (ef, *_) = engines(graph, _box(shape, 1, 5))
     assert ef.chains._live, "no chain was used"
-    for name, live in ef.chains._live.items():
+    for name, (_, live) in ef.chains._live.items():
         n = graph.shapes[name][0]
         assert live.idx.numel() < n  # the dead neurons are left out
     assert ef.rows_bounded == es.rows_bounded
