@@ -37,6 +37,7 @@ from verikit.bounds import Box, BoundStore
 from verikit.errors import VerikitError
 
 from .box import propagate_box
+from .conv_windows import conv_form, dense_backward, window_backward
 from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, tighten
 from .relaxations import LinearRelaxation, MaxPoolRelaxation, maxpool_relaxation, relaxation_for
 from .relu_chain import ReluChains
@@ -116,6 +117,8 @@ class LinearBoundEngine:
         self.device, self.dtype = inp.lo.device, inp.lo.dtype
         self._affine: dict[str, tuple] = {}
         self._relax: dict[str, object] = {}
+        self._lower_bias: dict[str, tuple] = {}
+        self._convs: dict[str, object] = {}
         # node -> radius (B, *shape) by which the node's value may differ from its op's exact
         # result (float-sound mode): it loosens every bound through that node by <|lam|, radius>
         self.errors = errors or {}
@@ -178,6 +181,10 @@ class LinearBoundEngine:
             return (lam * scale,), _flat_dot(lam, shift.expand_as(lam[:, 0]))
         if self.fast_paths and isinstance(op, ir.Reshape):  # the transpose of a reshape is a reshape
             return (lam.reshape(lam.shape[:2] + tuple(self.graph.shapes[node.inputs[0]])),), None
+        if self.fast_paths and lam.dim() == 5 and self._conv_form(node) is not None:
+            out = dense_backward(self._conv_form(node), lam, self.graph.shapes[node.inputs[0]])
+            if out is not None:  # a transposed convolution over all rows at once, no vmap
+                return (out[0],), out[1]
         if node.name not in self._affine:
             zeros = [torch.zeros((self.batch,) + tuple(self.graph.shapes[i]), device=self.device, dtype=self.dtype)
                      for i in node.inputs]
@@ -190,7 +197,8 @@ class LinearBoundEngine:
     def _activation_backward(self, node: ir.Node, lam: Tensor, alpha: Optional[Tensor],
                              split_term: Optional[Tensor] = None):
         rel: LinearRelaxation = self.relaxation(node)
-        pos, neg = lam.clamp(min=0), lam.clamp(max=0)
+        neg = lam.clamp(max=0)
+        pos = lam - neg  # exactly clamp(min=0), one pass cheaper
         if isinstance(alpha, LinearRelaxation):  # per-row lines (B, m, *shape): optimised tangents
             grad = pos * alpha.lower_slope + neg * alpha.upper_slope
             const = (pos * alpha.lower_bias + neg * alpha.upper_bias).flatten(2).sum(-1)
@@ -199,10 +207,28 @@ class LinearBoundEngine:
             if alpha is not None:
                 lo_s = torch.where(rel.alpha_mask.unsqueeze(1), alpha, lo_s)
             grad = pos * lo_s + neg * rel.upper_slope.unsqueeze(1)
-            const = _flat_dot(pos, rel.lower_bias) + _flat_dot(neg, rel.upper_bias)
+            const = _flat_dot(neg, rel.upper_bias)
+            if self._has_lower_bias(node):  # zero for ReLU: a product that adds exact zeros
+                const = const + _flat_dot(pos, rel.lower_bias)
         if split_term is not None:  # beta-CROWN: -beta * sign on the split pre-activations
             grad = grad + split_term
         return (grad,), const
+
+    def _has_lower_bias(self, node: ir.Node) -> bool:
+        rel = self.relaxation(node)
+        if self._lower_bias.get(node.name, (None,))[0] is not rel:  # callers may replace relaxations
+            self._lower_bias[node.name] = (rel, bool((rel.lower_bias != 0).any()))
+        return self._lower_bias[node.name][1]
+
+    def _conv_form(self, node: ir.Node):
+        """The op as a convolution (conv_windows.py): Conv2d always, 2x2-style AvgPool2d on the
+        fast paths."""
+        if node.name not in self._convs:
+            conv = None
+            if isinstance(node.op, ir.Conv2d) or self.fast_paths:
+                conv = conv_form(node.op)
+            self._convs[node.name] = conv
+        return self._convs[node.name]
 
     def _maxpool_backward(self, node: ir.Node, lam: Tensor):
         rel: MaxPoolRelaxation = self.relaxation(node)
@@ -221,26 +247,12 @@ class LinearBoundEngine:
     # ------------------------------------------------------------ windowed rules
     def _window_backward(self, node: ir.Node, win: Window, alphas: Optional[dict]):
         """Rules that keep coefficients in a spatial window, or None when the op needs the
-        dense form (everything except Conv2d, BatchNorm and element-wise activations)."""
+        dense form (everything except Conv2d, AvgPool2d, BatchNorm and element-wise activations)."""
         op = node.op
         B, m = win.lam.shape[:2]
-        if isinstance(op, ir.Conv2d):
-            (sh, sw), (ph, pw), (dh, dw) = op.stride, op.padding, op.dilation
-            _, C_out, h, w = win.lam.shape[1:]
-            g = F.conv_transpose2d(win.lam.reshape(B * m, C_out, h, w), op.weight, None, (sh, sw), 0, 0,
-                                   op.groups, (dh, dw))
-            H, W = self.graph.shapes[node.inputs[0]][-2:]
-            t0, l0 = win.top * sh - ph, win.left * sw - pw  # input position of g's corner
-            r0, r1 = max(t0, 0), min(t0 + g.shape[-2], H)
-            c0, c1 = max(l0, 0), min(l0 + g.shape[-1], W)
-            if r1 <= r0 or c1 <= c0:  # the window lies entirely in the padding: no input reaches it
-                r0, c0 = min(r0, H - 1), min(c0, W - 1)
-                r1, c1 = r0 + 1, c0 + 1
-                g = torch.zeros(g.shape[:-2] + (1, 1), device=g.device, dtype=g.dtype)
-            else:
-                g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
-            g = Window(g.reshape((B, m) + g.shape[1:]), r0, c0)
-            const = win.lam.sum((-2, -1)) @ op.bias if op.bias is not None else None
+        conv = self._conv_form(node)
+        if conv is not None:
+            g, const = window_backward(conv, win, self.graph.shapes[node.inputs[0]], Window)
             return (g,), const
         if isinstance(op, ir.BatchNorm):
             (g,), _ = self._affine_backward(node, win.lam)  # per-channel scale: same on any window
@@ -248,10 +260,13 @@ class LinearBoundEngine:
             return (Window(g, win.top, win.left),), win.lam.sum((-2, -1)) @ shift.reshape(-1)
         if op.is_activation and (alphas is None or node.name not in alphas) and node.name not in self.capture:
             rel: LinearRelaxation = self.relaxation(node)
-            pos, neg = win.lam.clamp(min=0), win.lam.clamp(max=0)
+            neg = win.lam.clamp(max=0)
+            pos = win.lam - neg  # exactly clamp(min=0), one pass cheaper
             cut = lambda t: win.region(t).unsqueeze(1)
             grad = pos * cut(rel.lower_slope) + neg * cut(rel.upper_slope)
-            const = _flat_dot(pos, win.region(rel.lower_bias)) + _flat_dot(neg, win.region(rel.upper_bias))
+            const = _flat_dot(neg, win.region(rel.upper_bias))
+            if self._has_lower_bias(node):
+                const = const + _flat_dot(pos, win.region(rel.lower_bias))
             return (Window(grad, win.top, win.left),), const
         return None
 
@@ -279,7 +294,7 @@ class LinearBoundEngine:
                 err = self.errors[node.name]
                 const = const - (_flat_dot(lam_n.lam.abs(), lam_n.region(err)) if isinstance(lam_n, Window)
                                  else _flat_dot(lam_n.abs(), err))
-            steps = self._chain_steps(node, lam_n, splits)
+            steps = self._chain_steps(node, lam_n, splits, alphas)
             if steps is not None:  # Linear/ReLU chain on live neurons only (relu_chain.py)
                 lam_b, c = self.chains.run(steps, lam_n, alphas, self.errors)
                 const = const + c
@@ -319,7 +334,7 @@ class LinearBoundEngine:
             const = const + _flat_dot(lam_x, center) - _flat_dot(lam_x.abs(), radius)
         return const
 
-    def _chain_steps(self, node: ir.Node, lam, splits: dict) -> Optional[list]:
+    def _chain_steps(self, node: ir.Node, lam, splits: dict, alphas: Optional[dict]) -> Optional[list]:
         """The Linear/ReLU chain starting at `node`, when the fast path may take it: not where
         a split term or a captured coefficient needs a node's full coefficients."""
         if self.chains is None or isinstance(lam, Window):
@@ -327,6 +342,8 @@ class LinearBoundEngine:
         steps = self.chains.steps(node)
         if steps is None or any(n.name in splits or n.name in self.capture for n in steps):
             return None
+        if alphas and any(not isinstance(alphas.get(n.name, lam), Tensor) for n in steps):
+            return None  # per-row lines (s_shaped.py) take the general rule
         return steps
 
     def bound_rows(self, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:

@@ -49,7 +49,29 @@ def shared_relu_net(seed=0):
     return b.build(b.add("out", bg._lin(gen, 3, 8), [r3])), (4,)
 
 
+def conv_pool_net(seed=0, c_in=1, side=9):
+    """conv (few input channels: the fold path) -> ReLU -> 2x2 average pooling on an odd map
+    (floor mode drops a row) -> conv -> ReLU -> Flatten -> Linear -> ReLU -> Linear."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (c_in, side, side), DT)
+    h = b.add("conv0", bg._conv(gen, 4, c_in, k=4, stride=2, pad=1), ["x"])  # 9 -> 4
+    h = b.add("relu0", ir.ReLU(), [h])
+    h = b.add("conv1", bg._conv(gen, 5, 4, k=3, stride=1, pad=1), [h])  # 4 -> 4
+    h = b.add("relu1", ir.ReLU(), [h])
+    h = b.add("pool", ir.AvgPool2d((2, 2), (2, 2)), [h])  # 4 -> 2
+    h = b.add("conv2", bg._conv(gen, 6, 5, k=3, stride=1, pad=1), [h])
+    h = b.add("relu2", ir.ReLU(), [h])
+    h = b.add("pool2", ir.AvgPool2d((3, 3), (3, 3)), [b.add("pad", ir.Pad((0, 1, 0, 1), 0.0), [h])])  # 3 -> 1
+    h = b.add("flat", ir.Reshape((6,)), [h])
+    h = b.add("fc", bg._lin(gen, 7, 6), [h])
+    h = b.add("relu3", ir.ReLU(), [h])
+    return b.build(b.add("out", bg._lin(gen, 3, 7), [h])), (c_in, side, side)
+
+
 GRAPHS = {
+    "conv-pool-1ch": conv_pool_net(0, 1),
+    "conv-pool-3ch": conv_pool_net(1, 3, side=10),
+    "conv-pool-8ch": conv_pool_net(2, 8),
     "mlp": relu_mlp(0),
     "mlp-flatten": relu_mlp(1, flat_input=True),
     "mlp-wide": relu_mlp(2, widths=(6, 40, 30, 20, 5), dead_bias=-0.2),
@@ -58,11 +80,11 @@ GRAPHS = {
 }
 
 
-def engines(graph, box, variant="crown", errors=None, **kw):
+def engines(graph, box, variant="crown", errors=None, spatial_windows=True, **kw):
     out = []
     for fast in (False, True):
         with torch.no_grad():
-            e = lb.prepare(graph, box, None, None, variant, 4096, errors=errors, fast_paths=fast, **kw)
+            e = lb.prepare(graph, box, None, None, variant, 4096, spatial_windows, errors=errors, fast_paths=fast, **kw)
             lo, hi = lb.output_bounds(e)
         out.append((e, lo, hi))
     return out
@@ -88,6 +110,15 @@ def _box(shape, batch, seed, width=0.5):
 def test_fast_paths_equal_general_rules(name, batch, variant):
     graph, shape = GRAPHS[name]
     assert_same(*engines(graph, _box(shape, batch, 3), variant))
+
+
+@pytest.mark.parametrize("windows", [True, False])
+@pytest.mark.parametrize("name", ["conv-pool-1ch", "conv-pool-3ch", "conv-pool-8ch", "conv-mix"])
+def test_conv_rules_equal_general_rules(name, windows):
+    """Transposed convolutions without vmap (fold for few channels), average pooling spread
+    over its windows: the general rules' bounds, with and without spatial windows."""
+    graph, shape = GRAPHS[name]
+    assert_same(*engines(graph, _box(shape, 3, 12, width=0.6), spatial_windows=windows))
 
 
 @pytest.mark.parametrize("mode", ["per-sample", "shared"])
@@ -136,7 +167,7 @@ def test_fast_path_is_taken_and_skips_dead_neurons():
     assert ef.rows_bounded == es.rows_bounded
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "conv-pool-1ch", "conv-pool-3ch"])
 def test_fast_paths_sound_by_sampling(name):
     graph, shape = GRAPHS[name]
     box = _box(shape, 4, 6, width=0.7)
@@ -152,7 +183,7 @@ def test_fast_paths_sound_by_sampling(name):
     assert (y >= lo - 1e-9).all() and (y <= hi + 1e-9).all()
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-wide"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-wide", "conv-pool-1ch", "conv-pool-8ch"])
 def test_eps_zero_gives_the_output(name):
     graph, shape = GRAPHS[name]
     x = _box(shape, 3, 7).center
@@ -199,3 +230,20 @@ def test_rounding_guard_and_sound_mode_on_fast_paths(flat_input):
     torch.testing.assert_close(sound[1][0], sound[0][0], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(sound[1][1], sound[0][1], rtol=1e-9, atol=1e-12)
     assert (sound[1][0] < slow[1].double()).all()  # the error terms were charged
+
+
+@pytest.mark.parametrize("c_in,stride,pad,k,side", [(1, 2, 1, 4, 9), (3, 1, 1, 3, 8), (2, 3, 0, 3, 10), (1, 1, 2, 5, 7)])
+def test_fold_transpose_is_the_transposed_convolution(c_in, stride, pad, k, side):
+    """The fold form (few input channels) against torch's transposed convolution, and both
+    against the vector-Jacobian product of the convolution."""
+    from verikit.domains.conv_windows import _transpose
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(c_in * 10 + k)
+    weight = torch.randn(4, c_in, k, k, generator=gen, dtype=DT)
+    x0 = torch.zeros(1, c_in, side, side, dtype=DT)
+    y, vjp = torch.func.vjp(lambda x: F.conv2d(x, weight, None, stride, pad), x0)
+    lam = torch.randn((6,) + tuple(y.shape[1:]), generator=gen, dtype=DT)
+    want = torch.cat([vjp(lam[i:i + 1])[0] for i in range(6)])
+    got = _transpose(lam, weight, (stride, stride), (pad, pad), (1, 1), 1, (side, side))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)

@@ -1,0 +1,112 @@
+"""Backward rules for convolution-like ops: Conv2d, and non-overlapping AvgPool2d.
+
+The transpose of a convolution is a transposed convolution. For dense coefficients (B, m, C,
+H, W) one transposed convolution over the B*m rows replaces the generic vector-Jacobian
+product vmapped over the rows (same maths, without vmap's per-op overhead). For windowed
+coefficients (`Window`: zero outside a small spatial window) it runs on the window only, and
+the result is the window of the input it reaches. Where the convolution has very few input
+channels (the first layer: 1 or 3), torch's transposed convolution is slow on CPU, and the
+same sums are formed as one matrix product with the weight followed by `fold` (col2im).
+
+Average pooling with kernel = stride and no padding (the common 2x2 pooling) spreads each
+coefficient, divided by the window size, over its window: an expand, exact, and windowed too,
+so rows of a conv layer after such a pooling no longer fall back to the dense form there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verikit import ir
+
+
+FEW_CHANNELS = 3  # transposed convolutions onto at most this many channels go through fold
+
+
+def _transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple, dilation: tuple, groups: int,
+               out_hw: tuple) -> Tensor:
+    """The transposed convolution of lam (N, C_out, h, w) onto an (N, C_in, *out_hw) map."""
+    N, C_out, h, w = lam.shape
+    C_in, kh, kw = weight.shape[1:]
+    if groups == 1 and C_in <= FEW_CHANNELS and tuple(dilation) == (1, 1):
+        cols = torch.matmul(weight.reshape(C_out, C_in * kh * kw).t(), lam.reshape(N, C_out, h * w))
+        return F.fold(cols, out_hw, (kh, kw), padding=padding, stride=stride)
+    pad = []
+    for size, n, k, s, p, d in ((out_hw[0], h, kh, stride[0], padding[0], dilation[0]),
+                                (out_hw[1], w, kw, stride[1], padding[1], dilation[1])):
+        pad.append(size - ((n - 1) * s - 2 * p + d * (k - 1) + 1))
+    return F.conv_transpose2d(lam, weight, None, stride, padding, tuple(pad), groups, dilation)
+
+
+@dataclass
+class ConvForm:
+    weight: Optional[Tensor]  # None: a non-overlapping average pooling of window `stride`
+    bias: Optional[Tensor]
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+
+def conv_form(op: ir.Op) -> Optional[ConvForm]:
+    """The op as a convolution, or None when it is not one."""
+    if isinstance(op, ir.Conv2d):
+        return ConvForm(op.weight, op.bias, tuple(op.stride), tuple(op.padding), tuple(op.dilation), op.groups)
+    if isinstance(op, ir.AvgPool2d) and tuple(op.kernel) == tuple(op.stride) and tuple(op.padding) == (0, 0):
+        return ConvForm(None, None, tuple(op.stride), (0, 0), (1, 1), 0)  # weight None: the pooling
+    return None
+
+
+def _spread(lam: Tensor, k: tuple) -> Tensor:
+    """Average-pooling transpose on (N, C, h, w): each entry / (kh kw) over its kh x kw window."""
+    N, C, h, w = lam.shape
+    g = (lam / (k[0] * k[1]))[:, :, :, None, :, None].expand(N, C, h, k[0], w, k[1])
+    return g.reshape(N, C, h * k[0], w * k[1])
+
+
+def dense_backward(conv: ConvForm, lam: Tensor, in_shape: tuple):
+    """(coefficients on the input (B, m, *in_shape), constant (B, m) or None), or None when
+    the output size does not fit a convolution of the input (the generic rule then runs)."""
+    B, m, C_out, h, w = lam.shape
+    H, W = in_shape[-2:]
+    if conv.weight is None:
+        g = _spread(lam.reshape(B * m, C_out, h, w), conv.stride)
+        g = F.pad(g, (0, W - g.shape[-1], 0, H - g.shape[-2]))  # floor mode leaves the last rows out
+        return g.reshape((B, m) + tuple(in_shape)), None
+    kh, kw = conv.weight.shape[-2:]
+    for size, n, k, s, p, d in ((H, h, kh, conv.stride[0], conv.padding[0], conv.dilation[0]),
+                                (W, w, kw, conv.stride[1], conv.padding[1], conv.dilation[1])):
+        if not 0 <= size - ((n - 1) * s - 2 * p + d * (k - 1) + 1) < max(s, d):
+            return None
+    g = _transpose(lam.reshape(B * m, C_out, h, w), conv.weight, conv.stride, conv.padding, conv.dilation,
+                   conv.groups, (H, W))
+    const = lam.sum((-2, -1)) @ conv.bias if conv.bias is not None else None
+    return g.reshape((B, m) + tuple(in_shape)), const
+
+
+def window_backward(conv: ConvForm, win, in_shape: tuple, window_cls):
+    """(Window on the input, constant (B, m) or None) for coefficients `win` (a Window)."""
+    (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+    B, m, C_out, h, w = win.lam.shape
+    if conv.weight is None:  # the pooling windows of the coefficients' window
+        g = _spread(win.lam.reshape(B * m, C_out, h, w), conv.stride)
+        return window_cls(g.reshape((B, m) + g.shape[1:]), win.top * sh, win.left * sw), None
+    kh, kw = conv.weight.shape[-2:]
+    full = ((h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1)
+    g = _transpose(win.lam.reshape(B * m, C_out, h, w), conv.weight, (sh, sw), (0, 0), (dh, dw), conv.groups, full)
+    H, W = in_shape[-2:]
+    t0, l0 = win.top * sh - ph, win.left * sw - pw  # input position of g's corner
+    r0, r1 = max(t0, 0), min(t0 + g.shape[-2], H)
+    c0, c1 = max(l0, 0), min(l0 + g.shape[-1], W)
+    if r1 <= r0 or c1 <= c0:  # the window lies entirely in the padding: no input reaches it
+        r0, c0 = min(r0, H - 1), min(c0, W - 1)
+        r1, c1 = r0 + 1, c0 + 1
+        g = torch.zeros(g.shape[:-2] + (1, 1), device=g.device, dtype=g.dtype)
+    else:
+        g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
+    const = win.lam.sum((-2, -1)) @ conv.bias if conv.bias is not None else None
+    return window_cls(g.reshape((B, m) + g.shape[1:]), r0, c0), const
