@@ -161,7 +161,8 @@ class LinearBoundEngine:
         op = node.op
         if isinstance(op, ir.Linear):
             if node.name not in self._affine:  # a folded spec recomputes C W on every access
-                self._affine[node.name] = (op.weight, op.bias)
+                with torch.no_grad():  # kept outside autograd, whichever pass reaches it first
+                    self._affine[node.name] = (op.weight, op.bias)
             w, b = self._affine[node.name]
             if w.dim() == 3:  # per-sample weights (a folded per-sample spec)
                 grads = torch.einsum("bmo,boi->bmi", lam, w)

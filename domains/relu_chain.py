@@ -110,6 +110,9 @@ class ReluChains:
     # ------------------------------------------------------------ live neurons and weights
     def live(self, node: ir.Node) -> LiveNeurons:
         rel = self.engine.relaxation(node)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (rel.lower_slope, rel.upper_slope, rel.lower_bias,
+                                                                      rel.upper_bias)):
+            return self._live_neurons(node, rel)  # differentiable relaxations (alpha_beta.py): a fresh graph each call
         if node.name not in self._live or self._live[node.name][0] is not rel:  # a caller may replace relaxations
             self._live[node.name] = (rel, self._live_neurons(node, rel))
         return self._live[node.name][1]
