@@ -104,6 +104,25 @@ def take_net(seed=0):
     return b.build(h), (2, 5, 5)
 
 
+def upsample_net(seed=0):
+    """ConvTranspose -> ReLU -> Resample (linear along H, nearest along W) -> ReLU -> Linear."""
+    from verikit.onnx_upsample_ops import resize_matrix
+
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (2, 3, 3), DT)
+    up = ir.ConvTranspose2d(torch.randn(2, 2, 3, 3, generator=gen, dtype=DT) / 3, torch.randn(4, generator=gen, dtype=DT),
+                            (2, 2), (1, 1), 2, (1, 1), (1, 0, 0, 1))
+    h = b.add("up", up, ["x"])  # (4, 7, 7): groups 2
+    h = b.add("relu", ir.ReLU(), [h])
+    mh = torch.tensor(resize_matrix(7, 5, 5 / 7, "linear", "half_pixel", "round_prefer_floor"), dtype=DT)
+    mw = torch.tensor(resize_matrix(7, 9, 9 / 7, "nearest", "asymmetric", "floor"), dtype=DT)
+    h = b.add("resize", ir.Resample((2, 3), (mh, mw)), [h])  # (4, 5, 9)
+    h = b.add("relu2", ir.ReLU(), [h])
+    h = b.add("flat", ir.Reshape((180,)), [h])
+    h = b.add("out", _lin(gen, 3, 180), [h])
+    return b.build(h), (2, 3, 3)
+
+
 def graphs():
     """label -> (graph, per-sample input shape)."""
     out = {
@@ -115,6 +134,7 @@ def graphs():
         "conv-mix": (conv_mix(), (2, 6, 6)),
         "dag": dag_net(),
         "take": take_net(),
+        "upsample": upsample_net(),
     }
     return out
 

@@ -68,6 +68,13 @@ def _concat(seed=0, batch=2, width=0.5):
     return b.build(out), _box(gen, (4,), batch, width)
 
 
+def _resize(n_in, n_out, mode):
+    from verikit.onnx_upsample_ops import resize_matrix
+
+    return torch.tensor(resize_matrix(n_in, n_out, n_out / n_in, mode, "half_pixel", "round_prefer_floor"),
+                        dtype=torch.float32)
+
+
 def _batchnorm(gen):
     c = 2
     op = ir.BatchNorm(torch.randn(c, generator=gen), torch.randn(c, generator=gen), torch.randn(c, generator=gen),
@@ -109,6 +116,9 @@ OP_GRAPHS = {
     "take-slice-negative-step": _conv_graph(lambda g: ir.Take(3, torch.tensor([5, 3, 1]), (3,))),
     "take-gather-scalar-index": _conv_graph(lambda g: ir.Take(2, torch.tensor([4]), ())),
     "take-gather-2d-index": _dense_graph(lambda g: ir.Take(1, torch.tensor([0, 5, 5, 2]), (2, 2))),
+    "conv-transpose": _conv_graph(lambda g: ir.ConvTranspose2d(torch.randn(2, 3, 3, 3, generator=g), torch.randn(3, generator=g),
+                                                             (2, 2), (1, 1), 1, (1, 0), (1, 0, 0, 2))),
+    "resample-linear-nearest": _conv_graph(lambda g: ir.Resample((2, 3), (_resize(6, 9, "linear"), _resize(6, 4, "nearest")))),
 }
 
 

@@ -351,11 +351,11 @@ class MaxPool2d(Op):
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
-from .ir_ops import Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
+from .ir_ops import ConvTranspose2d, Resample, Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
 
 ALL_OP_TYPES: tuple[type[Op], ...] = (
     Linear, Conv2d, ElementwiseAffine, BatchNorm, AvgPool2d, GlobalAvgPool, Pad, Reshape,
-    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, MaxPool2d, Take,
+    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, MaxPool2d, Take, ConvTranspose2d, Resample,
 )
 
 
@@ -428,7 +428,7 @@ class Graph:
         seen, total = set(), 0
         for n in self.nodes:
             for fname, t in n.op.tensors():
-                if fname in ("running_mean", "running_var") or id(t) in seen:
+                if fname in ("running_mean", "running_var") or id(t) in seen or not t.is_floating_point():
                     continue
                 seen.add(id(t))
                 total += t.numel()

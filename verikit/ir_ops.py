@@ -4,12 +4,16 @@
 ones included), Gather with constant indices and each output of Split import as a Take. It is
 affine and exact (it only moves values), so every domain gets it through the affine mechanism:
 Box through `abs_linear`, back-substitution through the VJP, the MILP through its basis.
+The same holds for the upsampling ops `ConvTranspose2d` (ONNX ConvTranspose) and `Resample`
+(ONNX Resize in nearest / linear mode: a constant matrix per resized axis).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .ir import Op
@@ -36,3 +40,68 @@ class Take(Op):
 
     def describe(self) -> str:
         return f"Take(axis={self.axis}, index={tuple(self.index.tolist())[:8]}{'...' if self.index.numel() > 8 else ''}, index_shape={self.index_shape})"
+
+
+@dataclass(eq=False)
+class ConvTranspose2d(Op):
+    """ONNX ConvTranspose on (B, C, H, W): the full transposed convolution, `output_padding`
+    rows/columns appended at the end, then `crop` = (top, bottom, left, right) removed (ONNX's
+    pads, which may be asymmetric), then the bias. weight: (C_in, C_out / groups, kh, kw)."""
+
+    weight: Tensor
+    bias: Optional[Tensor] = None
+    stride: tuple = (1, 1)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    output_padding: tuple = (0, 0)
+    crop: tuple = (0, 0, 0, 0)
+    op_type: ClassVar[str] = "ConvTranspose2d"
+    is_affine: ClassVar[bool] = True
+
+    def _apply(self, x, w, b):
+        y = F.conv_transpose2d(x, w, None, self.stride, 0, 0, self.groups, self.dilation)
+        oh, ow = self.output_padding
+        if oh or ow:
+            y = F.pad(y, (0, ow, 0, oh))
+        t, bo, le, ri = self.crop
+        y = y[:, :, t:y.shape[2] - bo, le:y.shape[3] - ri]
+        return y if b is None else y + b.reshape(1, -1, 1, 1)
+
+    def forward(self, x, ctx=None):
+        return self._apply(x, self.weight, self.bias)
+
+    def abs_linear(self, r, ctx=None):
+        return self._apply(r, self.weight.abs(), None)
+
+
+@dataclass(eq=False)
+class Resample(Op):
+    """y = x with each listed axis mapped by a constant matrix (n_out, n_in): ONNX Resize in
+    nearest mode (one 1 per row) or linear mode (two interpolation weights per row), which is
+    separable over the resized axes."""
+
+    axes: tuple  # batched coordinates (>= 1)
+    matrices: tuple  # one (n_out, n_in) tensor per axis
+    op_type: ClassVar[str] = "Resample"
+    is_affine: ClassVar[bool] = True
+
+    def _apply(self, x, mats):
+        for axis, m in zip(self.axes, mats):
+            x = torch.movedim(torch.tensordot(x, m.to(dtype=x.dtype, device=x.device), dims=([axis], [1])), -1, axis)
+        return x
+
+    def forward(self, x, ctx=None):
+        return self._apply(x, self.matrices)
+
+    def abs_linear(self, r, ctx=None):
+        return self._apply(r, tuple(m.abs() for m in self.matrices))
+
+    def tensors(self):
+        for i, m in enumerate(self.matrices):
+            yield f"matrices[{i}]", m
+
+    def to(self, device=None, dtype=None):
+        return Resample(self.axes, tuple(m.to(device=device, dtype=dtype) for m in self.matrices))
+
+    def describe(self) -> str:
+        return f"Resample(axes={self.axes}, sizes={[tuple(m.shape) for m in self.matrices]})"

@@ -29,6 +29,8 @@ from . import ir
 from .errors import ModelLoadError, UnsupportedOpsError
 from .onnx_constants import UnsupportedConstantOp, fold_constant, node_attributes
 from .onnx_index_ops import IndexOps
+from .onnx_piecewise_ops import PiecewiseOps
+from .onnx_upsample_ops import UpsampleOps
 from .onnx_shape_ops import ShapeOps, Unsupported, Var
 from .onnx_support import static_problem
 
@@ -82,7 +84,7 @@ def _inferred_shapes(model) -> dict:
     return out
 
 
-class _Importer(ShapeOps, IndexOps):
+class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
     def __init__(self, model, dtype, source):
         import onnx.numpy_helper as nh
 

@@ -40,6 +40,13 @@ DATA_OPS: dict[str, set] = {
     "Slice": {"starts", "ends", "axes"},
     "Gather": {"axis"},
     "Split": {"axis", "split", "num_outputs"},
+    "ConvTranspose": {"auto_pad", "dilations", "group", "kernel_shape", "output_padding", "output_shape", "pads",
+                      "strides"},
+    # cubic_coeff_a / extrapolation_value only matter for the cubic and tf_crop_and_resize modes, which are refused
+    "Clip": {"min", "max"},  # Clip-6's attributes; from opset 11 min / max are constant inputs
+    "Abs": set(), "Max": set(), "Min": set(),
+    "Resize": {"mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
+               "extrapolation_value", "antialias", "keep_aspect_ratio_policy"},
 }
 
 # op -> attributes, for ops evaluated at import time when all their inputs are constants
@@ -73,6 +80,9 @@ _CONSTANT_INPUTS = {
     "Slice": {1: "starts", 2: "ends", 3: "axes", 4: "steps"},
     "Gather": {1: "indices"},
     "Split": {1: "split"},
+    "ConvTranspose": {1: "weights", 2: "bias"},
+    "Resize": {1: "roi", 2: "scales", 3: "sizes"},
+    "Clip": {1: "min", 2: "max"},
 }
 _NOT_SET = (None, b"NOTSET", "NOTSET")
 _VALID = (b"VALID", "VALID")
@@ -130,6 +140,7 @@ def static_problem(node, is_data: Callable[[str], bool]) -> Optional[str]:
         return "constant divided by data is not linear"
     if op == "Concat" and not all(data):
         return "concatenating data with constants is not supported"
-    if op in ("Conv", "BatchNormalization", "AveragePool", "MaxPool", "GlobalAveragePool", "Gemm") and not data[0]:
+    if op in ("Conv", "BatchNormalization", "AveragePool", "MaxPool", "GlobalAveragePool", "Gemm", "ConvTranspose",
+              "Resize", "Slice", "Gather", "Split") and not data[0]:
         return "the data must be the first input"
     return _attribute_problem(op, a, data)

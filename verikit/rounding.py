@@ -125,6 +125,23 @@ def _conv(op, node, graph, mags, unit, executed):
     return gamma(n, unit) * mag + _tiny(unit, n)
 
 
+def _conv_transpose(op, node, graph, mags, unit, executed):
+    (x,) = mags
+    extra, fused = _fusion(graph, node.name)
+    w = op.weight  # (C_in, C_out / groups, kh, kw): an output sums at most C_in / groups * kh * kw products
+    n = (w.shape[0] // op.groups) * w.shape[2] * w.shape[3] + (1 if op.bias is not None else 0) + extra
+    mag = op.abs_linear(x) + _bias_term(op.bias, fused, x, 1)
+    return gamma(n, unit) * mag + _tiny(unit, n)
+
+
+def _resample(op, node, graph, mags, unit, executed):
+    (x,) = mags
+    if all(bool(((m == 0) | (m == 1)).all()) and bool((m.sum(1) == 1).all()) for m in op.matrices):
+        return None  # nearest: every output is a copy of one input
+    n = 4 * len(op.matrices)  # per axis: two products, a sum, and the runtime's own rounded weights
+    return gamma(n, unit) * op.abs_linear(x) + _tiny(unit, n)
+
+
 def _elementwise(op, node, graph, mags, unit, executed):
     (x,) = mags
     extra, fused = _fusion(graph, node.name)
@@ -181,7 +198,7 @@ LOCAL_ERROR_RULES: dict[type, Callable] = {
     ir.AvgPool2d: _pool_mean, ir.GlobalAvgPool: _pool_mean, ir.Add: _add, ir.LeakyReLU: _leaky,
     ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped,
     ir.Pad: _exact, ir.Reshape: _exact, ir.Transpose: _exact, ir.Concat: _exact, ir.ReLU: _exact,
-    ir.MaxPool2d: _exact, ir.Take: _exact,
+    ir.MaxPool2d: _exact, ir.Take: _exact, ir.ConvTranspose2d: _conv_transpose, ir.Resample: _resample,
 }
 
 
