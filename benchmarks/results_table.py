@@ -19,7 +19,7 @@ import torch
 
 
 def run_model(name: str, n: int, eps: float, batch: int, milp_time: float, attack_steps: int, restarts: int,
-              log) -> dict:
+              log, use_milp: bool = True) -> dict:
     import verikit
     from verikit.certify.attack import pgd_attack
     from verikit.domains import available_domains, get_domain
@@ -34,7 +34,7 @@ def run_model(name: str, n: int, eps: float, batch: int, milp_time: float, attac
     have = available_domains()
     box = get_domain("box")
     crown = get_domain("crown") if "crown" in have else None
-    milp = get_domain("milp", time_limit=milp_time) if "milp" in have else None
+    milp = get_domain("milp", time_limit=milp_time) if "milp" in have and use_milp else None
     c = {"n": n, "clean": 0, "pgd": 0, "box": 0, "crown": 0, "milp": 0, "milp_timeouts": 0, "milp_runs": 0,
          "milp_falsified": 0, "time": {"box": 0.0, "crown": 0.0, "milp": 0.0, "attack": 0.0}}
     for start in range(0, n, batch):

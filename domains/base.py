@@ -149,7 +149,7 @@ class Domain(ABC):
 
 _REGISTRY: dict[str, type[Domain]] = {}
 _ENTRY_POINTS_LOADED = False
-_BUILTINS = ("box", "deeppoly", "crown", "milp", "bab")
+_BUILTINS = ("box", "deeppoly", "crown", "crown_ibp", "milp", "bab")
 
 
 def register_domain(cls: type[Domain]) -> type[Domain]:

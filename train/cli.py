@@ -1,4 +1,4 @@
-"""`verikit train`: certified training (SABR; λ=1 IBP, λ=0 PGD) or standard training.
+"""`verikit train`: certified training with a registered method (SABR, IBP, PGD, MTL-IBP, ...) or standard training.
 
 Every flag is checked before any data is loaded. `--out` must not hold another run unless
 `--resume` (continue it) or `--force` (replace it) says what to do. Ctrl-C / SIGTERM save a
@@ -47,8 +47,11 @@ def _flag(ctx, name):
 
 
 @click.command(context_settings=CONTEXT)
-@click.option("--method", type=click.Choice(["sabr", "standard"]), default="sabr",
-              help="sabr: certified training (--sabr-lambda 1 = IBP, 0 = PGD training); standard: plain training")
+@click.option("--method", default="sabr",
+              help="registered training method (`verikit methods`): sabr, ibp, pgd, standard, mtl-ibp, exp-ibp, "
+                   "cc-ibp, crown-ibp, plug-ins")
+@click.option("--method-option", "method_option", multiple=True, metavar="NAME=VALUE",
+              help="an option of the method, e.g. alpha=0.3 (repeatable; `verikit methods --options`)")
 @click.option("--domain", default="box", help="registered differentiable domain propagating the region")
 @click.option("--sabr-lambda", type=float, default=None, show_default=False,
               help="small-box size λ in [0, 1]  [default: the paper's value for dataset/eps, else 0.4]")
@@ -86,7 +89,7 @@ def _flag(ctx, name):
               help="data-parallel over the processes of a torchrun launch (--batch-size is the global batch); "
                    "implied when torchrun started this process")
 @click.pass_context
-def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones, warmup_epochs,
+def train(ctx, method, method_option, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones, warmup_epochs,
           ramp_epochs, reg_weight, l1, grad_clip, relu_shrink, train_samples, eval_samples, seed, device, out_dir,
           resume_dir, force, checkpoint_minutes, threads, quiet, ddp):
     """Train a network for certified L∞ robustness with SABR (Müller et al., ICLR 2023).
@@ -97,6 +100,7 @@ def train(ctx, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_s
       verikit train --sabr-lambda 1 --model cnn-small --epochs 12           # IBP
       verikit train --sabr-lambda 0 --model cnn-small                       # PGD training
       verikit train --method standard --model mlp --epochs 5                # plain training
+      verikit train --method mtl-ibp --method-option alpha=0.5 --model cnn-small  # MTL-IBP
       verikit train --resume runs/mnist-sabr-0.1-cnn7                       # continue a run
 
       torchrun --nproc-per-node 2 -m verikit.train --model cnn7             # data parallel
@@ -145,12 +149,16 @@ def _train(ctx, dist, method, domain, sabr_lambda, dataset, eps, model, epochs, 
         out_dir = resume_dir
     else:
         state = None
-        if method == "standard":
+        from .methods import get_method_class, parse_method_options
+
+        method_cls = get_method_class(method)  # a typo: the list of registered methods, exit 2
+        if not method_cls.uses_domain:
             unused = [_flag(ctx, n) for n in ("sabr_lambda", "domain", "relu_shrink") if _given(ctx, n)]
             if unused:
                 raise VerikitError(f"{', '.join(unused)} {'does' if len(unused) == 1 else 'do'} not apply to "
-                                   "--method standard (plain training; --eps is still the evaluation radius)")
+                                   f"--method {method} (plain training; --eps is still the evaluation radius)")
         cfg = TrainConfig(dataset=dataset, model=model, method=method, domain=domain, eps=_eps(eps),
+                          method_options=parse_method_options(method_option),
                           sabr_lambda=sabr_lambda, epochs=epochs, batch_size=batch_size, lr=lr,
                           lr_milestones=_milestones(lr_milestones), warmup_epochs=warmup_epochs,
                           ramp_epochs=ramp_epochs, reg_weight=reg_weight, l1=l1, grad_clip=grad_clip,
@@ -203,8 +211,9 @@ def _start(cfg, out_dir, resume_dir, force, checkpoint_minutes, state, dist=None
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-    what = (f"standard training (evaluated at ε={format_eps(c.eps)})" if c.kind == "standard" else
-            f"{c.kind} (λ={c.sabr_lambda}, domain {c.domain}), ε={format_eps(c.eps)}")
+    opts = ", ".join(f"{'λ' if k == 'lambda' else k}={v}" for k, v in c.method_options.items())
+    what = (f"{c.kind} training (evaluated at ε={format_eps(c.eps)})" if not trainer.method.uses_domain else
+            f"{c.kind} ({opts + ', ' if opts else ''}domain {c.domain}), ε={format_eps(c.eps)}")
     ranks = f" x {dist.world} ranks ({dist.backend})" if dist is not None else ""
     echo(f"training {c.model} on {c.dataset}: {what}, {plural(c.epochs, 'epoch')} (warm-up "
          f"{c.warmup_epochs}, ramp {c.ramp_epochs}, lr milestones {list(c.lr_milestones)}), "

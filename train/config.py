@@ -11,7 +11,6 @@ from verikit.errors import VerikitError
 # SABR's λ per (dataset, ε) from the paper (Müller et al. 2023, Table 6)
 PAPER_LAMBDA = {("mnist", 0.1): 0.4, ("mnist", 0.3): 0.6, ("cifar10", 2 / 255): 0.1, ("cifar10", 8 / 255): 0.7}
 DEFAULT_LAMBDA = 0.4
-METHODS = ("sabr", "standard")
 # the paper's MNIST schedule: 70 epochs, 1 warm-up, ε ramp over 20, lr ×0.2 after 50 and 60
 PAPER_EPOCHS, PAPER_RAMP, PAPER_MILESTONES = 70, 20, (50, 60)
 
@@ -43,10 +42,11 @@ def paper_lambda(dataset: str, eps: float) -> float:
 class TrainConfig:
     dataset: str = "mnist"
     model: str = "cnn7"
-    method: str = "sabr"  # "sabr" (λ=1: IBP, λ=0: PGD training) or "standard"
+    method: str = "sabr"  # a registered training method (train/methods.py): sabr, ibp, pgd, standard, mtl-ibp, ...
     domain: str = "box"
     eps: float = 0.1
-    sabr_lambda: Optional[float] = None  # None: the paper's value for (dataset, eps)
+    sabr_lambda: Optional[float] = None  # sabr only; None: the paper's value for (dataset, eps)
+    method_options: dict = field(default_factory=dict)  # the method's options (resolved: all of them)
     epochs: int = PAPER_EPOCHS
     batch_size: int = 128
     lr: float = 5e-4
@@ -71,8 +71,9 @@ class TrainConfig:
         from verikit.models.architectures import ARCHITECTURES, DATASET_SHAPES
 
         c = dataclasses.replace(self)
-        if c.method not in METHODS:
-            raise VerikitError(f"unknown method {c.method!r}; use one of {', '.join(METHODS)}")
+        from .methods import get_method_class
+
+        method_cls = get_method_class(c.method)  # unknown: the list of registered methods
         if c.dataset not in DATASET_SHAPES:
             raise VerikitError(f"unknown dataset {c.dataset!r}; available: {', '.join(DATASET_SHAPES)}")
         if c.model not in ARCHITECTURES:
@@ -84,10 +85,23 @@ class TrainConfig:
         if c.eps > width:
             raise VerikitError(f"--eps {c.eps:g} is wider than the data range [{c.data_range[0]:g}, "
                                f"{c.data_range[1]:g}] (inputs are pixels in [0, 1]; e.g. --eps 0.1 or 8/255)")
-        if c.sabr_lambda is None:
-            c.sabr_lambda = paper_lambda(c.dataset, c.eps)
-        if not 0.0 <= c.sabr_lambda <= 1.0:
-            raise VerikitError(f"--sabr-lambda must lie in [0, 1], got {c.sabr_lambda}")
+        c.method_options = dict(c.method_options or {})
+        if c.method == "sabr":  # λ: --sabr-lambda or --method-option lambda=, stored in both places
+            if c.sabr_lambda is not None and "lambda" in c.method_options \
+                    and float(c.method_options["lambda"]) != float(c.sabr_lambda):
+                raise VerikitError("--sabr-lambda and --method-option lambda= disagree; give one of them")
+            if c.sabr_lambda is None:
+                c.sabr_lambda = c.method_options.get("lambda", paper_lambda(c.dataset, c.eps))
+            c.sabr_lambda = float(c.sabr_lambda)
+            if not 0.0 <= c.sabr_lambda <= 1.0:
+                raise VerikitError(f"--sabr-lambda must lie in [0, 1], got {c.sabr_lambda}")
+            c.method_options["lambda"] = c.sabr_lambda
+        else:
+            fixed = {"ibp": 1.0, "pgd": 0.0}.get(c.method)  # SABR's end points (the metrics' lambda column)
+            if c.sabr_lambda is not None and (fixed is None or float(c.sabr_lambda) != fixed):
+                raise VerikitError(f"--sabr-lambda applies to --method sabr only, not {c.method}")
+            c.sabr_lambda = fixed
+        c.method_options = dict(method_cls(dataset=c.dataset, eps=c.eps, **c.method_options).config)
         for name in ("epochs", "batch_size", "eval_samples"):
             _at_least(getattr(c, name), 1, name)
         if c.train_samples is not None:
@@ -104,7 +118,7 @@ class TrainConfig:
                 raise VerikitError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         if not 0 < c.relu_shrink <= 1:
             raise VerikitError(f"--relu-shrink must lie in (0, 1], got {c.relu_shrink}")
-        if c.relu_shrink < 1 and c.domain != "box":
+        if c.relu_shrink < 1 and c.domain != "box" and method_cls.uses_domain:
             raise VerikitError("--relu-shrink works with the box domain only")
         if c.ramp_epochs is None:
             c.ramp_epochs = max(1, round(c.epochs * PAPER_RAMP / PAPER_EPOCHS))
@@ -116,7 +130,7 @@ class TrainConfig:
         c.warmup_epochs = max(0, min(c.warmup_epochs, c.epochs - 1))
         if c.device not in ("auto", "cpu", "cuda"):
             raise VerikitError(f"--device must be auto, cpu or cuda, got {c.device!r}")
-        if c.method != "standard":
+        if method_cls.uses_domain:
             from .losses import get_training_domain
 
             get_training_domain(c.domain)  # unknown or non-differentiable: a clear error now
@@ -142,9 +156,9 @@ class TrainConfig:
 
     @property
     def kind(self) -> str:
-        """What the run is, in the paper's terms: standard, pgd, ibp or sabr."""
-        if self.method == "standard":
-            return "standard"
+        """What the run is, in the papers' terms: the method, with SABR's λ = 0 / 1 named pgd / ibp."""
+        if self.method != "sabr":
+            return self.method
         return {0.0: "pgd", 1.0: "ibp"}.get(float(self.sabr_lambda), "sabr")
 
     def to_dict(self) -> dict:

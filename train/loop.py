@@ -1,4 +1,4 @@
-"""The training loop: epochs of (standard | PGD | IBP | SABR) steps, per-epoch evaluation,
+"""The training loop: epochs of steps of a registered training method (train/methods.py), per-epoch evaluation,
 metrics CSV, a checkpoint every epoch (model, optimizer, RNG), exact resume, plot, ONNX export.
 
 Determinism: the batch order and the attack's random starts of epoch e come from generators
@@ -35,8 +35,8 @@ from verikit.outputs import atomic_write
 from verikit.progress import Progress
 
 from .config import TrainConfig
-from .losses import certified_loss, get_training_domain, l1_penalty, warmup_regularizer
-from .sabr import select_region
+from .losses import get_training_domain, l1_penalty, warmup_regularizer
+from .methods import StepInputs, get_method
 from .schedule import EpsSchedule, lr_at
 
 METRIC_FIELDS = ["epoch", "method", "eps", "lambda", "lr", "loss", "train_cert_acc", "test_acc", "pgd_acc",
@@ -116,7 +116,8 @@ class Trainer:
             from .shrink import with_relu_shrinking
 
             self.train_graph = with_relu_shrinking(self.graph, self.cfg.relu_shrink)
-        self.domain = get_training_domain(self.cfg.domain) if self.cfg.method != "standard" else None
+        self.method = get_method(self.cfg.method, self.cfg.dataset, self.cfg.eps, **self.cfg.method_options)
+        self.domain = get_training_domain(self.cfg.domain) if self.method.uses_domain else None
         self.has_bn = _has_batchnorm(self.model)
         self.bn_pairs = _batchnorm_pairs(self.model, self.train_graph)
         if dist is not None:
@@ -145,7 +146,8 @@ class Trainer:
     # ---- one step -------------------------------------------------------------------------
     def loss_on_batch(self, x: torch.Tensor, y: torch.Tensor, eps: float, epoch: int,
                       gen: Optional[torch.Generator] = None, shard: Optional[tuple] = None) -> tuple[torch.Tensor, float]:
-        """The training loss of one batch and the fraction of it certified on the trained region.
+        """The training loss of one batch (the method's, from the registry) and the fraction of
+        it certified on the region the method bounds (nan if it bounds none).
         `shard` (global batch size, this rank's slice): x, y are this rank's part of the batch;
         the loss is then weighted by that part's share, so the ranks' losses add up to the
         loss of the whole batch."""
@@ -154,7 +156,7 @@ class Trainer:
         total = shard[0] if shard is not None else x.shape[0]
         share = x.shape[0] / total
         reduce = self.dist.batchnorm_stats if shard is not None else None
-        if cfg.method == "standard" or eps == 0:
+        if not self.method.uses_domain or eps == 0:  # standard training, and every method's warm-up
             if shard is not None and self.has_bn:  # train-mode BatchNorm with statistics of the global batch
                 ctx = ir.EvalContext(bn_mode="batch", bn_reduce=reduce)
                 logits = self.graph.forward(x, ctx=ctx)
@@ -164,27 +166,35 @@ class Trainer:
             loss = share * F.cross_entropy(logits, y)
             cert = float("nan")
         else:
-            region = select_region(self.model, x, y, eps, cfg.sabr_lambda, cfg.data_range, gen, shard)
-            ctx = None
-            if self.has_bn:
-                ctx = ir.EvalContext(bn_mode="batch", bn_reduce=reduce)
-                self.train_graph.forward(x, ctx=ctx)  # records the clean batch's statistics
-                if self.bn_pairs is not None:
-                    _update_running_stats(self.bn_pairs, ctx, total)
-                else:
-                    with torch.no_grad():
-                        self.model(x)  # train-mode forward: updates the running statistics
-            cl = certified_loss(self.train_graph, self.domain, region, y, self.num_classes, ctx)
-            loss = cl.loss
-            if self.eps_at.in_ramp(epoch) and cfg.reg_weight > 0 and eps < cfg.eps:
-                reg = warmup_regularizer(self.train_graph, cl.store, region)  # data parallel: per rank's shard
+            out = self.method.loss(StepInputs(self, x, y, eps, cfg.eps, epoch, gen, shard))
+            loss = out.loss
+            if out.region is not None and self.eps_at.in_ramp(epoch) and cfg.reg_weight > 0 and eps < cfg.eps:
+                reg = warmup_regularizer(self.train_graph, out.store, out.region)  # data parallel: per rank's shard
                 loss = loss + cfg.reg_weight * (1 - eps / cfg.eps) * reg
             loss = share * loss
-            others = torch.ones_like(cl.lower, dtype=torch.bool).scatter_(1, y[:, None], False)
-            cert = share * float(((cl.lower > 0) | ~others).all(1).float().mean())
+            cert = float("nan")
+            if out.lower is not None:
+                others = torch.ones_like(out.lower, dtype=torch.bool).scatter_(1, y[:, None], False)
+                cert = share * float(((out.lower > 0) | ~others).all(1).float().mean())
         if cfg.l1 > 0 and self.is_main:  # a term of the weights: counted once over the ranks
             loss = loss + cfg.l1 * l1_penalty(self.model)
         return loss, cert
+
+    def batch_norm_context(self, x: torch.Tensor, shard: Optional[tuple] = None) -> Optional[ir.EvalContext]:
+        """For models with BatchNorm: a context holding the clean batch's statistics (bounds use
+        them; under data parallelism those of the global batch), with the running statistics
+        updated as a train-mode forward would. None otherwise."""
+        if not self.has_bn:
+            return None
+        reduce = self.dist.batchnorm_stats if shard is not None else None
+        ctx = ir.EvalContext(bn_mode="batch", bn_reduce=reduce)
+        self.train_graph.forward(x, ctx=ctx)  # records the clean batch's statistics
+        if self.bn_pairs is not None:
+            _update_running_stats(self.bn_pairs, ctx, shard[0] if shard is not None else x.shape[0])
+        else:
+            with torch.no_grad():
+                self.model(x)  # train-mode forward: updates the running statistics
+        return ctx
 
     def step(self, x, y, eps, epoch, gen=None) -> tuple[float, float]:
         loss, cert = self._loss_and_gradients(x, y, eps, epoch, gen)

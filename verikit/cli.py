@@ -139,6 +139,25 @@ def domains():
 
 
 @main.command()
+@click.option("--options", "show_options", is_flag=True, help="also list every option: default, paper value, meaning")
+def methods(show_options):
+    """List the registered training methods (built-in and plug-ins) for `verikit train --method`."""
+    from verikit.train.methods import available_methods
+
+    rows = available_methods()
+    w = max(len(n) for n in rows)
+    click.echo(f"{'name':<{w}}  options{' ' * 18}description")
+    for n, c in rows.items():
+        opts = ", ".join(f"{k}={o.default}" for k, o in c.options.items()) or "-"
+        click.echo(f"{n:<{w}}  {opts:<25}  {c.description}")
+        if show_options:
+            if c.paper:
+                click.echo(f"{'':<{w}}    paper: {c.paper}")
+            for k, o in c.options.items():
+                click.echo(f"{'':<{w}}    {k} (default {o.default}): {o.help}" + (f"; paper: {o.paper}" if o.paper else ""))
+
+
+@main.command()
 @click.argument("model")
 @click.option("--check/--no-check", default=True, show_default=True, help="compare with onnxruntime node by node")
 @click.option("--samples", type=click.IntRange(1), default=4, show_default=True, help="random inputs for the check")

@@ -1,0 +1,277 @@
+"""The certified-training campaign (issue 12): standard, PGD, IBP, SABR (paper λ) and MTL-IBP on
+MNIST with cnn-small, ε ∈ {0.1, 0.3}, several seeds, plus SABR's λ sweep at ε = 0.1; every
+trained model is certified on the first N test images with box, box,crown and the full chain
+box,crown,milp (benchmarks/results_table.py's protocol).
+
+    python benchmarks/campaign.py run --shard 0/2 &      # two resumable background workers
+    python benchmarks/campaign.py run --shard 1/2 &
+    python benchmarks/campaign.py table                  # docs/campaign.md + plots
+
+Resumable: a run whose record (benchmarks/campaign/<run>.json, committed) exists is skipped; a
+run interrupted during training continues from its checkpoint (runs/campaign/<run>/, never
+committed). The scale (training images, epochs, certified images) is in SCALE and in every
+record, so the table states exactly what was measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECORDS = os.environ.get("CAMPAIGN_RECORDS", os.path.join(ROOT, "benchmarks", "campaign"))
+RUNS = os.environ.get("CAMPAIGN_RUNS", os.path.join(ROOT, "runs", "campaign"))
+# sized to finish on 2 shared cores in about an hour (see the README's "Training methods")
+SCALE = {"model": "cnn-small", "train_samples": 3000, "epochs": 5, "eval_samples": 200, "certify": 100,
+         "certify_chain": 40, "milp_time_limit": 1.0, "attack_steps": 20, "restarts": 2}
+if os.environ.get("CAMPAIGN_SMOKE"):  # a seconds-long check of the whole pipeline
+    SCALE.update(train_samples=256, epochs=2, eval_samples=50, certify=20, certify_chain=10, attack_steps=5, restarts=1)
+MAIN_METHODS = ("standard", "pgd", "ibp", "sabr", "mtl-ibp")
+EPSILONS = (0.1, 0.3)
+SEEDS = (0, 1, 2)
+SWEEP = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def run_name(method: str, eps: float, seed: int, lam=None) -> str:
+    return f"{method}-eps{eps:g}-s{seed}" + (f"-lam{lam:g}" if lam is not None else "")
+
+
+def jobs() -> list[dict]:
+    """Every run, in the order that gives a usable table soonest: the seeds, then the sweep."""
+    main = lambda seed: [{"method": m, "eps": e, "seed": seed, "lam": None} for e in EPSILONS for m in MAIN_METHODS]
+    # λ = 0.4 (the paper's value) is the main table's seed-0 SABR run, λ = 1 its IBP run (bit-identical)
+    sweep = [{"method": "sabr", "eps": 0.1, "seed": 0, "lam": lam} for lam in SWEEP if lam not in (0.4, 1.0)]
+    return [job for seed in SEEDS for job in main(seed)] + sweep
+
+
+def train_one(job: dict, log) -> dict:
+    from verikit.models.architectures import DATASET_SHAPES
+    from verikit.train.config import TrainConfig
+    from verikit.train.export import export_onnx
+    from verikit.train.loop import CHECKPOINT, Trainer
+
+    name = run_name(job["method"], job["eps"], job["seed"], job["lam"])
+    out = os.path.join(RUNS, name)
+    cfg = TrainConfig(model=SCALE["model"], method=job["method"], eps=job["eps"], seed=job["seed"],
+                      epochs=SCALE["epochs"], train_samples=SCALE["train_samples"],
+                      eval_samples=SCALE["eval_samples"], sabr_lambda=job["lam"], device="cpu")
+    trainer = Trainer(cfg, out, log=lambda s: log(f"  {name}: {s}"))
+    if os.path.exists(os.path.join(out, CHECKPOINT)):
+        trainer.load_checkpoint(os.path.join(out, CHECKPOINT))
+    t0 = time.perf_counter()
+    trainer.fit(progress=False)
+    wall = time.perf_counter() - t0
+    onnx_path = os.path.join(out, "model.onnx")
+    export_onnx(trainer.model, DATASET_SHAPES[cfg.dataset][0], onnx_path, trainer.xte[:16])
+    epoch_s = [float(r["time_s"]) for r in trainer.metrics]
+    return {"name": name, "onnx": onnx_path, "config": trainer.cfg.to_dict(), "kind": trainer.cfg.kind,
+            "train_wall_s_this_process": wall, "epoch_train_s": epoch_s, "train_s": sum(epoch_s),
+            "last_epoch": trainer.metrics[-1]}
+
+
+def certify_one(onnx_path: str, eps: float, log) -> dict:
+    """box and box,crown on the first `certify` test images; the full chain (MILP after them) on
+    the first `certify_chain` (MILP costs seconds per open sample on 2 shared cores)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from results_table import run_model
+
+    t0 = time.perf_counter()
+    c = run_model(onnx_path, SCALE["certify"], eps, 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
+                  SCALE["restarts"], lambda s: None, use_milp=False)
+    c["wall_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c["chain"] = run_model(onnx_path, SCALE["certify_chain"], eps, 100, SCALE["milp_time_limit"],
+                           SCALE["attack_steps"], SCALE["restarts"], lambda s: None)
+    c["chain"]["wall_s"] = time.perf_counter() - t0
+    return c
+
+
+def run(shard: str, threads: int, log) -> None:
+    torch.set_num_threads(threads)
+    # everything imported now: edits to the source tree during an hours-long campaign cannot mix in
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import results_table  # noqa: F401
+    import verikit.train.export  # noqa: F401
+    import verikit.train.loop  # noqa: F401
+    from verikit.domains import available_domains
+    from verikit.train.methods import available_methods
+
+    available_domains(), available_methods()
+    k, n = (int(v) for v in shard.split("/"))
+    os.makedirs(RECORDS, exist_ok=True)
+    for i, job in enumerate(jobs()):
+        if i % n != k:
+            continue
+        name = run_name(job["method"], job["eps"], job["seed"], job["lam"])
+        record = os.path.join(RECORDS, f"{name}.json")
+        if os.path.exists(record):
+            continue
+        log(f"[{time.strftime('%H:%M:%S')}] {name}: training")
+        tr = train_one(job, log)
+        log(f"[{time.strftime('%H:%M:%S')}] {name}: trained in {tr['train_s']:.0f} s; certifying")
+        cert = certify_one(tr["onnx"], job["eps"], log)
+        n_img, ch = cert["n"], cert["chain"]
+        rec = {"name": name, "method": tr["kind"], "registry_method": job["method"], "eps": job["eps"],
+               "seed": job["seed"], "options": tr["config"]["method_options"], "scale": SCALE,
+               "train_s": round(tr["train_s"], 1), "epoch_train_s": [round(v, 1) for v in tr["epoch_train_s"]],
+               "certify_s": round(cert["wall_s"], 1), "certified_images": n_img,
+               "standard_acc": cert["clean"] / n_img, "pgd_acc": cert["pgd"] / n_img,
+               "cert_box": cert["box"] / n_img, "cert_box_crown": cert["crown"] / n_img,
+               "chain_images": ch["n"], "cert_full_chain": ch["milp"] / ch["n"],
+               "chain_box_crown": ch["crown"] / ch["n"], "chain_certify_s": round(ch["wall_s"], 1),
+               "milp": {"runs": ch["milp_runs"], "timeouts": ch["milp_timeouts"],
+                        "falsified": ch["milp_falsified"], "time_s": round(ch["time"]["milp"], 1)},
+               "certify_time_s": {k2: round(v, 1) for k2, v in cert["time"].items()},
+               "train_eval_last_epoch": {k2: tr["last_epoch"][k2] for k2 in ("test_acc", "pgd_acc", "box_cert_acc")},
+               "config": tr["config"], "torch": torch.__version__, "threads": threads,
+               "machine": f"{platform.machine()}, 2 cores shared with ~6 other jobs"}
+        tmp = record + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(tmp, record)
+        log(f"[{time.strftime('%H:%M:%S')}] {name}: std {rec['standard_acc']:.3f} pgd {rec['pgd_acc']:.3f} "
+            f"box {rec['cert_box']:.3f} crown {rec['cert_box_crown']:.3f} chain {rec['cert_full_chain']:.3f} "
+            f"({rec['certify_s']:.0f} + {rec['chain_certify_s']:.0f} s)")
+
+
+def load_records() -> list[dict]:
+    out = []
+    for f in sorted(os.listdir(RECORDS)) if os.path.isdir(RECORDS) else []:
+        if f.endswith(".json"):
+            with open(os.path.join(RECORDS, f)) as fh:
+                out.append(json.load(fh))
+    return out
+
+
+def lam_of(r: dict) -> float:
+    return r["options"].get("lambda", 1.0 if r["registry_method"] == "ibp" else 0.0)
+
+
+def sweep_records(records: list[dict]) -> list[dict]:
+    """SABR's λ sweep at ε = 0.1, seed 0, with the IBP run as λ = 1 (the same computation)."""
+    rs = [r for r in records if r["registry_method"] in ("sabr", "ibp") and abs(r["eps"] - 0.1) < 1e-9
+          and r["seed"] == 0]
+    return sorted(rs, key=lam_of)
+
+
+def mean_std(values: list) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{100 * m:.1f}"
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1))  # sample std over seeds
+    return f"{100 * m:.1f} ± {100 * sd:.1f}"
+
+
+COLUMNS = (("standard_acc", "standard"), ("pgd_acc", "PGD"), ("cert_box", "cert. box"),
+           ("cert_box_crown", "box,crown"), ("cert_full_chain", "box,crown,milp"))
+
+
+def table(records: list[dict]) -> str:
+    sc = records[0]["scale"] if records else SCALE
+    main = [r for r in records if "lam" not in r["name"]]
+    lines = [f"MNIST, {sc['model']}, trained on the first {sc['train_samples']} training images for "
+             f"{sc['epochs']} epochs (1 warm-up, the paper's schedule scaled), certified on the first "
+             f"{sc['certify']} test images with box and box,crown, and on the first {sc['certify_chain']} with the "
+             f"full chain box,crown,milp (MILP {sc['milp_time_limit']:g} s per sample; a timeout is not certified; "
+             "the box,crown figure of those images is in each record). Accuracies in %, mean ± sample std over seeds (n = number of seeds).", "",
+             "| ε | method | n | " + " | ".join(h for _, h in COLUMNS) + " | train s (mean) |",
+             "|---|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    for eps in EPSILONS:
+        for m in MAIN_METHODS:
+            rs = [r for r in main if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
+            if not rs:
+                continue
+            cells = [mean_std([r[k] for r in rs]) for k, _ in COLUMNS]
+            t = sum(r["train_s"] for r in rs) / len(rs)
+            label = m if m != "sabr" else f"sabr (λ={rs[0]['options']['lambda']:g})"
+            if m == "mtl-ibp":
+                label = f"mtl-ibp (α={rs[0]['options']['alpha']:g})"
+            lines.append(f"| {eps:g} | {label} | {len(rs)} | " + " | ".join(cells) + f" | {t:.0f} |")
+    sweep = sweep_records(records)
+    if sweep:
+        lines += ["", "SABR λ sweep at ε = 0.1 (seed 0):", "",
+                  "| λ | " + " | ".join(h for _, h in COLUMNS) + " | train s |", "|---|" + "---|" * (len(COLUMNS) + 1)]
+        for r in sweep:
+            lines.append(f"| {lam_of(r):g} | " + " | ".join(f"{100 * r[k]:.1f}" for k, _ in COLUMNS)
+                         + f" | {r['train_s']:.0f} |")
+    lines += ["", "Per-run records (method, options, seed, epochs, times, accuracies): `benchmarks/campaign/*.json`. "
+              f"Machine: {records[0]['machine'] if records else '?'}, 1 torch thread per run, two runs at a time."]
+    return "\n".join(lines) + "\n"
+
+
+def plots(records: list[dict], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    fig, axes = plt.subplots(1, len(EPSILONS), figsize=(10, 4))
+    main = [r for r in records if "lam" not in r["name"]]
+    for ax, eps in zip(axes, EPSILONS):
+        for m in MAIN_METHODS:
+            rs = [r for r in main if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
+            if rs:
+                ax.scatter([100 * r["standard_acc"] for r in rs], [100 * r["cert_full_chain"] for r in rs], label=m)
+        ax.set_title(f"ε = {eps:g}")
+        ax.set_xlabel("standard accuracy (%)")
+        ax.set_ylabel("certified accuracy, box,crown,milp (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "campaign_std_vs_cert.png")
+    fig.savefig(path, dpi=90)
+    made.append(path)
+    sweep = sweep_records(records)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        lam = [lam_of(r) for r in sweep]
+        ax.plot(lam, [100 * r["standard_acc"] for r in sweep], "o-", label="standard")
+        ax.plot(lam, [100 * r["cert_full_chain"] for r in sweep], "s-", label="certified (full chain)")
+        ax.plot(lam, [100 * r["cert_box"] for r in sweep], "^--", label="certified (box)")
+        ax.set_xlabel("SABR λ")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title("SABR λ trade-off, MNIST ε = 0.1")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "campaign_sabr_lambda.png")
+        fig.savefig(path, dpi=90)
+        made.append(path)
+    return made
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train and certify every run not yet recorded (resumable)")
+    r.add_argument("--shard", default="0/1", help="k/n: this worker runs jobs k, k+n, ...")
+    r.add_argument("--threads", type=int, default=1)
+    t = sub.add_parser("table", help="write the mean ± std table and the plots")
+    t.add_argument("--out", default=os.path.join(ROOT, "docs", "campaign.md"))
+    args = ap.parse_args()
+    log = lambda s: print(s, flush=True)
+    if args.cmd == "run":
+        run(args.shard, args.threads, log)
+    else:
+        recs = load_records()
+        md = table(recs)
+        out_dir = os.path.dirname(args.out)
+        os.makedirs(out_dir, exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(md)
+        for p in plots(recs, out_dir):
+            log(f"wrote {p}")
+        sys.stdout.write(md)
+
+
+if __name__ == "__main__":
+    main()
