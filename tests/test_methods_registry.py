@@ -24,9 +24,11 @@ from test_train_bitwise import _data, tiny_bn
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
 
-def pre_registry_loss_on_batch(self, x, y, eps, epoch, gen=None):
-    """Trainer.loss_on_batch as it was before the registry (commit 852c644 of main), verbatim
-    but for `self.method_name`: the reference the registry path must reproduce bit for bit."""
+def pre_registry_loss_on_batch(self, x, y, eps, epoch, gen=None, shard=None):
+    """Trainer.loss_on_batch as it was before the registry (commit 852c644 of main; the single-
+    process path, where the data-parallel share is 1): the reference the registry path must
+    reproduce bit for bit."""
+    assert shard is None
     cfg = self.cfg
     self.model.train()
     if cfg.method == "standard" or eps == 0:

@@ -123,7 +123,7 @@ def train(ctx, method, method_option, domain, sabr_lambda, dataset, eps, model, 
         stop(dist)
 
 
-def _train(ctx, dist, method, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones,
+def _train(ctx, dist, method, method_option, domain, sabr_lambda, dataset, eps, model, epochs, batch_size, lr, lr_milestones,
            warmup_epochs, ramp_epochs, reg_weight, l1, grad_clip, relu_shrink, train_samples, eval_samples, seed,
            device, out_dir, resume_dir, force, checkpoint_minutes, threads, quiet):
     from .config import TrainConfig
