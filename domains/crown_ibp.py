@@ -33,7 +33,10 @@ class CrownIbpDomain(Domain):
         folded = fold_spec(graph, spec)
         store = propagate_box(folded, inputs, store, ctx)  # IBP: differentiable interval bounds
         # no refine_intermediate(): the intermediate bounds stay IBP's (the "IBP" in CROWN-IBP)
-        engine = LinearBoundEngine(folded, store, ctx, "crown", self.config["max_rows_per_chunk"], False)
+        # fast_paths=False: the live-neuron chains take weights outside autograd
+        engine = LinearBoundEngine(folded, store, ctx, "crown", self.config["max_rows_per_chunk"], False,
+                                   fast_paths=False)
+        engine.differentiable = True
         raw_lo, _ = output_bounds(engine, upper=False)
         lo, hi = finish(engine, raw_lo, None)
         guard = engine_guard(engine, False, raw_lo, raw_lo, lo)

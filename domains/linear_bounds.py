@@ -109,6 +109,7 @@ class LinearBoundEngine:
         if max_rows_per_chunk < 2:
             raise VerikitError(f"max_rows_per_chunk must be at least 2, got {max_rows_per_chunk}")
         self.graph, self.store, self.ctx, self.variant = graph, store, ctx, variant
+        self.differentiable = False  # True: cached affine maps stay in autograd (training domains)
         self.max_rows = int(max_rows_per_chunk)
         self.windows = bool(spatial_windows)
         self.position = {n.name: i for i, n in enumerate(graph.nodes)}
@@ -161,7 +162,9 @@ class LinearBoundEngine:
         op = node.op
         if isinstance(op, ir.Linear):
             if node.name not in self._affine:  # a folded spec recomputes C W on every access
-                with torch.no_grad():  # kept outside autograd, whichever pass reaches it first
+                # kept outside autograd, whichever pass reaches it first (unless a differentiable
+                # domain such as crown-ibp needs d bound / d weights through a folded spec)
+                with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
                     self._affine[node.name] = (op.weight, op.bias)
             w, b = self._affine[node.name]
             if w.dim() == 3:  # per-sample weights (a folded per-sample spec)
