@@ -113,18 +113,12 @@ def _tangent(f, df, d: Tensor):
 
 
 def _tangent_line(f, df, t: Tensor, l: Tensor, u: Tensor, above: bool):
-    """The tangent at t, for use as a bound on [l, u]: computed in float64, the slope rounded
-    to t's dtype and the intercept moved outward by |slope error| * (farthest distance from t
-    in [l, u]): the rounded line then lies on the valid side of the exact tangent everywhere
-    on [l, u] (near-flat parts of f would otherwise let it cross f next to t). The intercept
-    is returned in float64, for `_fit` to round outward."""
+    """The tangent at t, for use as a bound on [l, u]: computed in float64, then rounded by
+    `_round_line` (slope in t's dtype, intercept in float64 moved outward by the slope's
+    rounding error times max(|l|, |u|), for `_fit` to round outward)."""
     t64 = t.double()
     s64 = df(t64)
-    b64 = f(t64) - s64 * t64
-    s = s64.to(t.dtype)
-    reach = torch.maximum((t64 - l.double()).abs(), (u.double() - t64).abs())
-    shift = (s.double() - s64).abs() * reach
-    return s, b64 + shift if above else b64 - shift
+    return _round_line(s64, f(t64) - s64 * t64, l.double(), u.double(), t.dtype, above)
 
 
 def _tangent_through(f, df, anchor: Tensor, lo: Tensor, hi: Tensor, iters: int = 30) -> Tensor:
@@ -151,6 +145,10 @@ def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> 
     """Sound lines for a function that is convex on x <= 0, concave on x >= 0, increasing."""
     if variant not in VARIANTS:
         raise VerikitError(f"unknown relaxation variant {variant!r}; known: {', '.join(VARIANTS)}")
+    # the lines are computed in float64 and rounded once at the end (`_round_line`): slopes
+    # computed in float32 can make a line cross f between the points `_fit` checks
+    dtype = l.dtype
+    l, u = l.double(), u.double()
     point = (u - l) <= _TINY_WIDTH
     u_safe = torch.where(point, l + 1.0, u)  # keeps every formula finite; point cases are replaced below
     fl, fu = f(l), f(u_safe)
@@ -187,14 +185,25 @@ def _s_shaped(f: Callable, df: Callable, l: Tensor, u: Tensor, variant: str) -> 
     probes = [l, u_safe, torch.clamp(torch.zeros_like(l), l, u_safe)]
     if variant == "crown":  # and where the tangents touch f
         probes += [mid, torch.clamp(d_lo, l, u_safe), torch.clamp(d_up, l, u_safe)]
+    lo_s, lo_b = _round_line(lo_s, lo_b, l, u_safe, dtype, above=False)
+    up_s, up_b = _round_line(up_s, up_b, l, u_safe, dtype, above=True)
     lo_b = _fit(lo_s, lo_b, probes, f, above=False)
     up_b = _fit(up_s, up_b, probes, f, above=True)
-    zero = torch.zeros_like(l)
+    zero = torch.zeros_like(l, dtype=dtype)
     # a point interval (or an almost-point) is bounded by constants: f is monotone; f(l) and
     # f(u) rounded outward too (to nearest they can miss f by an ulp)
     lo_c, up_c = _fit(zero, fl, [l], f, above=False), _fit(zero, f(u), [u], f, above=True)
     return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, lo_c, lo_b),
                             torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
+
+
+def _round_line(s64: Tensor, b64: Tensor, l: Tensor, u: Tensor, dtype, above: bool):
+    """A valid float64 line as a slope in `dtype` and a float64 intercept moved outward by
+    |slope rounding| * max(|l|, |u|): the rounded line stays on the valid side of the float64
+    line everywhere on [l, u] (`_fit` then rounds the intercept outward)."""
+    s = s64.to(dtype)
+    shift = (s.double() - s64).abs() * torch.maximum(l.abs(), u.abs())
+    return s, b64 + shift if above else b64 - shift
 
 
 def sigmoid_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
