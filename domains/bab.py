@@ -17,8 +17,10 @@ errors subtracted, see alpha_beta.py, and must clear the spec's relative floor);
 falsified with a re-checked counterexample; unknown when the timeout, `max_domains` or the
 memory cap (`memory_mb`) is reached first, or when a sub-domain has no neuron left to split.
 
-`bound()` decides the search strategy in one place (`_strategy`): today ReLU splitting for
-every network with ReLUs; a network without ReLUs is bounded at the root only.
+`bound()` decides the search strategy in one place (`_strategy`): input splitting
+(`bab_input.py`) for inputs of at most 16 elements (option `input_split`: auto / true /
+false), whatever the activations (Sigmoid/Tanh too); otherwise ReLU splitting for every
+network with ReLUs; a network without ReLUs is bounded at the root only.
 """
 from __future__ import annotations
 
@@ -83,6 +85,7 @@ class BabDomain(Domain):
         "leaf_solver": "highs",  # the leaf MILP's solver (milp option `solver`)
         "deterministic": False,  # deterministic kernels; same search every run unless the timeout cuts it
         "time_limit": None,  # set by the chain: the sample's remaining budget
+        "input_split": "auto",  # split the input box instead (bab_input.py): auto = inputs of <= 16 elements
     }
 
     def __init__(self, **options):
@@ -102,6 +105,8 @@ class BabDomain(Domain):
             raise VerikitError(f"bab option leaf_solver must be auto, highs or gurobi, got {c['leaf_solver']!r}")
         if c["intermediate"] not in ("root", "all", "off"):
             raise VerikitError(f"bab option intermediate must be root, all or off, got {c['intermediate']!r}")
+        if c["input_split"] not in ("auto", True, False):
+            raise VerikitError(f"bab option input_split must be auto, true or false, got {c['input_split']!r}")
         if c["time_limit"] is not None and (not isinstance(c["time_limit"], (int, float)) or c["time_limit"] < 0):
             raise VerikitError(f"bab option time_limit must be a non-negative number, got {c['time_limit']!r}")
 
@@ -137,11 +142,15 @@ class BabDomain(Domain):
 
     # ------------------------------------------------------------ strategy
     def _strategy(self, graph, box: Box, spec: Spec, store: Optional[BoundStore], ctx) -> SearchResult:
-        """The one place that decides how a sample is searched (input splitting for
-        low-dimensional inputs would dispatch here): ReLU splitting, at the root for the whole
+        """The one place that decides how a sample is searched: input splitting for
+        low-dimensional inputs (option input_split, bab_input.py); else ReLU splitting, at the root for the whole
         spec, then one search per spec group still open (a group's rows alone need far fewer
         splits than all rows together), the most likely violated group first."""
         deadline = time.perf_counter() + self.budget()
+        from .bab_input import search_for_bab, uses_input_split
+
+        if uses_input_split(self.config["input_split"], graph):  # low-dimensional inputs (ACAS-Xu)
+            return search_for_bab(graph, box, spec, ctx, deadline, self.config)
         pre_bounds = _given_bounds(graph, store)
         whole = ReluSearch(self.config, graph, box, spec, pre_bounds, ctx, deadline)
         root = whole.root()

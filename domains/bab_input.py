@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from verikit.bounds import Box
+from verikit.progress import set_active_info
 from verikit.spec import Spec, float_guard, fold_spec
 
 from .base import FALSIFIED, UNKNOWN, VERIFIED
@@ -37,6 +38,9 @@ from .guard import engine_guard
 from .linear_bounds import output_bounds, prepare
 
 MIN_WIDTH = 1e-7  # relative to the root box: narrower sub-box sides are not halved again
+# bab's input_split="auto" splits the input box for inputs of at most this many elements (ACAS-Xu
+# has 5): beyond a few dozen, halving one input at a time shrinks the relaxations too slowly
+AUTO_MAX_INPUTS = 16
 
 
 @dataclass
@@ -59,6 +63,7 @@ class InputSplitResult:
     pending: int = 0  # sub-boxes left undecided when the search stopped
     seconds: float = 0.0
     reason: str = ""  # why unknown: timeout, max_domains, min_width
+    lower: Optional[Tensor] = None  # (m,) valid lower bounds of the rows on the whole box (the root's)
     info: dict = field(default_factory=dict)
 
 
@@ -177,6 +182,8 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
             return finish(UNKNOWN, "timeout", pending=0 if q_lo is None else q_lo.shape[0])
         if fresh:
             lower, guard, coeffs = _bound(folded, lo, hi, opts, ctx)
+            if res.lower is None:
+                res.lower = lower[0].clone()
             res.visited += lo.shape[0]
             rows_ok = lower > torch.maximum(float_guard(lower), guard)
             done = done | (rows_ok.unsqueeze(1) & member.unsqueeze(0)).any(2)
@@ -195,8 +202,12 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
             else:
                 q_lo, q_hi, q_done, q_depth, q_margin, q_coef = (torch.cat([a, b]) for a, b in zip(
                     (q_lo, q_hi, q_done, q_depth, q_margin, q_coef), parts))
+        lowest = float(q_margin.min()) if q_margin.numel() else math.inf
+        text = f"input split: {q_lo.shape[0]} sub-boxes left, lowest margin {lowest:.4g}"
         if progress is not None:
-            progress.update(lo.shape[0], info=f"{q_lo.shape[0]} sub-boxes left")
+            progress.update(lo.shape[0], info=text)
+        else:
+            set_active_info(text)
         if q_lo.shape[0] == 0:
             return finish(UNKNOWN, "min_width") if stuck else finish(VERIFIED)
         if q_lo.shape[0] > opts.max_domains:
@@ -224,6 +235,28 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
         lo, hi = torch.cat([p_lo, right_lo]), torch.cat([left_hi, p_hi])
         done, depth = p_done.repeat(2, 1), (p_depth + 1).repeat(2)
         fresh = lo.shape[0] > 0
+
+
+def uses_input_split(setting, graph) -> bool:
+    """bab's `input_split` option: True / False, or "auto" (inputs of at most AUTO_MAX_INPUTS)."""
+    return setting is True or (setting == "auto" and math.prod(graph.input_shape) <= AUTO_MAX_INPUTS)
+
+
+def search_for_bab(graph, box: Box, spec: Spec, ctx, deadline: float, config: dict):
+    """One sample of the bab domain searched by input splitting, as bab's SearchResult. bab's
+    `max_domains`, `batch_size` (when set) and `pgd_steps` (0 turns PGD off) apply; its alpha
+    and beta options do not (plain CROWN per sub-box decides ACAS-Xu fastest)."""
+    from .bab import SearchResult
+
+    opts = InputSplitOptions(max_domains=int(config["max_domains"]))
+    if config.get("batch_size"):
+        opts.batch_size = int(config["batch_size"])
+    if not config.get("pgd_steps"):
+        opts.pgd_steps = 0
+    res = input_split_search(graph, spec, box, deadline=deadline, options=opts, ctx=ctx)
+    lower = res.lower if res.lower is not None else torch.full((spec.num_rows,), -math.inf, dtype=graph.dtype)
+    return SearchResult(res.status, lower, res.counterexample, visited=res.visited, depth=res.depth,
+                        reason=res.reason, seconds=res.seconds)
 
 
 def verify_vnnlib_by_input_split(graph, prop, time_limit: float, options: Optional[InputSplitOptions] = None):

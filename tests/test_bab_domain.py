@@ -50,7 +50,7 @@ def oracle_rows(graph, box, spec):
 def test_bab_agrees_with_the_exact_oracle(seed, eps, width):
     graph, box, spec = case(seed, [3, width, width, 3], eps)
     truth = oracle_rows(graph, box, spec)
-    res = get_domain("bab", timeout=30.0, alpha_steps=10, beta_steps=5).bound(graph, box, spec)
+    res = get_domain("bab", input_split=False, timeout=30.0, alpha_steps=10, beta_steps=5).bound(graph, box, spec)
     status = res.status[0]
     if status == "verified":
         assert truth.min() > 0, truth
@@ -74,7 +74,7 @@ def test_bab_splits_where_crown_alone_cannot_decide():
             break
     else:
         pytest.skip("no case where CROWN fails but the property holds")
-    res = get_domain("bab", timeout=60.0).bound(graph, box, spec)
+    res = get_domain("bab", input_split=False, timeout=60.0).bound(graph, box, spec)
     assert res.status == ["verified"]
     assert res.info["samples"][0]["visited"] > 1 and res.info["samples"][0]["depth"] >= 1
 
@@ -83,7 +83,7 @@ def test_bab_splits_where_crown_alone_cannot_decide():
 def _hard_case():
     for seed in range(6, 40):  # seed 6 needs more than one sub-domain (found by this loop)
         graph, box, spec = case(seed, [5, 16, 16, 3], 0.3)
-        res = get_domain("bab", max_domains=1, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+        res = get_domain("bab", input_split=False, max_domains=1, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
         if res.status == ["unknown"]:
             return graph, box, spec
     pytest.skip("no case needing more than one sub-domain")
@@ -91,15 +91,15 @@ def _hard_case():
 
 def test_timeout_zero_and_domain_cap_give_unknown():
     graph, box, spec = _hard_case()
-    res = get_domain("bab", timeout=0.0).bound(graph, box, spec)
+    res = get_domain("bab", input_split=False, timeout=0.0).bound(graph, box, spec)
     assert res.status == ["unknown"] and res.info["samples"][0]["reason"] == "timeout"
-    res = get_domain("bab", max_domains=1, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+    res = get_domain("bab", input_split=False, max_domains=1, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
     assert res.status == ["unknown"] and res.info["samples"][0]["reason"] == "max_domains"
 
 
 def test_deterministic_repeats_exactly():
     graph, box, spec = _hard_case()
-    runs = [get_domain("bab", deterministic=True, max_domains=30, alpha_steps=5, beta_steps=3, timeout=120.0)
+    runs = [get_domain("bab", input_split=False, deterministic=True, max_domains=30, alpha_steps=5, beta_steps=3, timeout=120.0)
             .bound(graph, box, spec) for _ in range(2)]
     assert runs[0].status == runs[1].status
     assert torch.equal(runs[0].lower, runs[1].lower)
@@ -122,14 +122,14 @@ def test_groups_and_per_sample_specs():
     graph, box, _ = case(3, [3, 6, 6, 3], 0.1)
     boxes = Box(torch.cat([box.lo, box.lo + 0.3]), torch.cat([box.hi, box.hi + 0.3]))
     spec = Spec.robustness(torch.tensor([0, 2]), 3)
-    res = get_domain("bab", timeout=30.0).bound(graph, boxes, spec)
+    res = get_domain("bab", input_split=False, timeout=30.0).bound(graph, boxes, spec)
     for b in range(2):
         truth = oracle_rows(graph, boxes[[b]], spec.select([b]))
         assert res.status[b] == ("verified" if truth.min() > 0 else "falsified")
     # one group of two rows: holds iff some row stays positive everywhere... (y0 > y1 or y0 > y2)
     C = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0]])
     g_spec = Spec(C, torch.zeros(2), ((0, 1),))
-    res = get_domain("bab", timeout=30.0).bound(graph, box, g_spec)
+    res = get_domain("bab", input_split=False, timeout=30.0).bound(graph, box, g_spec)
     assert res.status[0] in ("verified", "falsified")
     if res.status[0] == "falsified":
         assert confirm_counterexample(graph, g_spec, res.counterexamples[0].reshape(1, -1))
@@ -191,7 +191,7 @@ def test_progress_shows_domains_left_and_the_global_lower_bound():
     graph, box, spec = _hard_case()
     stream = io.StringIO()
     with Progress(1, "certify", stream=stream, interval=1000) as bar:
-        get_domain("bab", max_domains=2, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+        get_domain("bab", input_split=False, max_domains=2, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
         info = bar.info
     assert info.startswith("bab: ") and "domains left" in info and "global lower bound" in info
 
@@ -199,7 +199,7 @@ def test_progress_shows_domains_left_and_the_global_lower_bound():
 def test_leaf_milp_decides_small_sub_domains_like_the_milp():
     graph, box, spec = _hard_case()
     want = get_domain("milp").bound(graph, box, spec).status
-    res = get_domain("bab", leaf_milp=40, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
+    res = get_domain("bab", input_split=False, leaf_milp=40, alpha_steps=2, beta_steps=2).bound(graph, box, spec)
     assert res.status == want and res.info["samples"][0]["leaf_milp"] >= 1
 
 

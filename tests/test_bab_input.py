@@ -1,5 +1,6 @@
 """Input splitting (domains/bab_input.py): verdicts against the exact oracle and the MILP,
 soundness of the batched sub-box bounds, limits, determinism, real counterexamples."""
+import math
 import os
 import time
 
@@ -179,3 +180,53 @@ def test_readme_block_runs(monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     exec(compile(_python_block("Input splitting (`domains/bab_input.py`)"), "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("falsified ")
+
+
+# ------------------------------------------------------------------ through the bab domain
+def test_bab_dispatches_low_dimensional_inputs_to_input_splitting():
+    graph = from_torch(mlp(7, [2, 6, 6, 3]), (2,))
+    box = Box(torch.full((1, 2), -2.0), torch.full((1, 2), 2.0))
+    c = np.array([1.0, -1.0, 0.0])
+    low = exact_min(graph, box.lo[0].double().numpy(), box.hi[0].double().numpy(), c)
+    holds = Spec(torch.tensor([c.tolist()]), torch.tensor([low - 1e-3]))
+    res = get_domain("bab", timeout=30.0).bound(graph, box, holds)
+    assert res.status == ["verified"]
+    info = res.info["samples"][0]
+    assert info["visited"] > 1 and info["rounds"] == 0  # sub-boxes, no ReLU-split rounds
+    assert float(res.lower[0, 0]) <= low - 1e-3 + 1e-5  # the root's valid lower bound
+    violated = Spec(holds.C, torch.tensor([low + 1e-2]))
+    res = get_domain("bab", timeout=30.0).bound(graph, box, violated)
+    assert res.status == ["falsified"]
+    with torch.no_grad():
+        assert bool(violated.violated_by(graph.forward(res.counterexamples[0][None]))[0])
+    assert get_domain("bab", timeout=0.0).bound(graph, box, holds).status == ["unknown"]
+    with pytest.raises(Exception, match="input_split"):
+        get_domain("bab", input_split="sometimes")
+
+
+def test_bab_decides_a_small_sigmoid_mlp_only_by_input_splitting():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.Sigmoid(), torch.nn.Linear(16, 16),
+                                torch.nn.Sigmoid(), torch.nn.Linear(16, 2)).eval()
+    graph = from_torch(model, (2,))
+    box = Box(torch.full((1, 2), -1.5), torch.full((1, 2), 1.5))
+    g = torch.linspace(-1.5, 1.5, 401)
+    with torch.no_grad():
+        vals = graph.forward(torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)) @ torch.tensor([1.0, -1.0])
+    L = 0.25 ** 2 * math.sqrt(2) * math.prod(float(torch.linalg.matrix_norm(m.weight.detach(), 2))
+                                              for m in model if isinstance(m, torch.nn.Linear))
+    spec = Spec(torch.tensor([[1.0, -1.0]]), torch.tensor([float(vals.min()) - L * 3 / 400 - 0.01]))
+    assert get_domain("bab", timeout=20.0, input_split=False).bound(graph, box, spec).status == ["unknown"]
+    assert get_domain("bab", timeout=60.0).bound(graph, box, spec).status == ["verified"]
+
+
+@pytest.mark.skipif(not os.path.isdir(ACAS), reason="shared/vnncomp2021 not present")
+def test_vnnlib_certify_with_bab_decides_acasxu():
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "verikit", "certify", os.path.join(ACAS, "ACASXU_run2a_2_1_batch_2000.onnx"),
+           "--vnnlib", os.path.join(ACAS, "prop_4.vnnlib"), "--domains", "box,crown,bab", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "holds" and "settled by bab" in done.stderr
