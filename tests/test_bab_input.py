@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from exact_oracle import exact_min
+from test_milp import mlp
 from conftest import SHARED
 from verikit.bounds import Box
 from verikit.domains import get_domain
@@ -18,16 +19,6 @@ from verikit.spec import Spec, fold_spec
 from verikit.torch_import import from_torch
 
 ACAS = os.path.join(SHARED, "vnncomp2021", "acasxu")
-
-
-def mlp(seed, sizes):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers).eval()
 
 
 def search(graph, spec, box, seconds=30.0, **opts):
