@@ -1,19 +1,16 @@
 """`verikit certify` end to end: CliRunner and the installed console script."""
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from certify_tiny_model import tiny_mnist_model
+from cli_run import console_script as _verikit, invoke
 from verikit.certify.records import read_records
-from verikit.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +23,7 @@ def _run(*args):
     args = [str(a) for a in args]
     if args and args[0] in ("certify", "vnncomp") and "--threads" not in args:
         args += ["--threads", "1"]
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        res = CliRunner().invoke(main, args)
-    finally:
-        torch.set_num_threads(threads)
-    return res
+    return invoke(*args)
 
 
 def _recount(records, stages):
@@ -102,11 +92,6 @@ def test_ctrl_c_keeps_finished_records(model, tmp_path, monkeypatch):
     assert res.exit_code == 130
     assert len(read_records(str(out))) == 3
     assert json.loads(res.stdout)["interrupted"] is True and "--resume" in res.stderr
-
-
-def _verikit():
-    exe = os.path.join(os.path.dirname(sys.executable), "verikit")
-    return exe if os.path.exists(exe) else shutil.which("verikit")
 
 
 def _stable(summary):

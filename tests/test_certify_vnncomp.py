@@ -5,10 +5,9 @@ import os
 import shutil
 
 import pytest
-from click.testing import CliRunner
 
+from cli_run import invoke
 from conftest import SHARED
-from verikit.cli import main
 
 VNN = os.path.join(SHARED, "vnncomp2021")
 pytestmark = pytest.mark.skipif(not os.path.isdir(VNN), reason="shared VNN-COMP instances not present")
@@ -16,13 +15,7 @@ FAST_MNIST = ["prop_2_0.03.vnnlib", "prop_6_0.03.vnnlib", "prop_7_0.03.vnnlib"]
 
 
 def _run(*args):
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args] + ["--threads", "1"])
-    finally:
-        torch.set_num_threads(threads)
+    return invoke(*args, "--threads", "1")
 
 
 def _results(path):

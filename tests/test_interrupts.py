@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from cli_run import console_script as _verikit
 from conftest import TEST_DATA
 from verikit.certify.records import read_records
 from verikit.cli import main
@@ -27,11 +27,6 @@ from verikit.interrupts import Terminated, sigterm_raises
 HARD = os.path.join(TEST_DATA, "hard_milp_20x40x3.onnx")
 TINY = os.path.join(TEST_DATA, "tiny_mnist_mlp.onnx")
 REACT = 3.0  # seconds allowed from the signal to the end of the command (a busy 2-core machine)
-
-
-def _verikit():
-    exe = os.path.join(os.path.dirname(sys.executable), "verikit")
-    return exe if os.path.exists(exe) else shutil.which("verikit")
 
 
 needs_script = pytest.mark.skipif(_verikit() is None, reason="verikit console script not installed")

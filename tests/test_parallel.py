@@ -10,11 +10,10 @@ import threading
 import time
 
 import pytest
-from click.testing import CliRunner
 
+from cli_run import console_script as _verikit, invoke as _run
 from conftest import SHARED
 from verikit.certify.records import read_records
-from verikit.cli import main
 
 VNN = os.path.join(SHARED, "vnncomp2021")
 MNIST = ["certify", "mnist-ibp-0.1", "--eps", "0.15", "--num-samples", "40", "--batch-size", "4", "--threads", "1",
@@ -39,14 +38,6 @@ def serial(tmp_path_factory):
     return {r["index"]: r for r in read_records(str(out))}, json.loads(res.stdout)
 
 
-def _run(*args):
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _stable(summary):
@@ -178,11 +169,6 @@ def test_killing_a_worker_during_a_certify_run_loses_no_record(cluster, serial, 
     assert len(got) == 40 and not [r for r in got if r["status"] == "error"]
     _same_records({r["index"]: r for r in got}, recs)
     assert _stable(json.loads(res.stdout)) == _stable(summary)
-
-
-def _verikit():
-    exe = os.path.join(os.path.dirname(sys.executable), "verikit")
-    return exe if os.path.exists(exe) else None
 
 
 @pytest.mark.skipif(_verikit() is None, reason="verikit console script not installed")

@@ -2,18 +2,15 @@
 its rows through Ctrl-C and SIGKILL, and `--resume` finishes what a killed run started."""
 import csv
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from click.testing import CliRunner
 
+from cli_run import console_script as _verikit, invoke as _run
 from conftest import TEST_DATA
 from verikit.certify.benchmark import COLUMNS, ResultsCsv, read_results
-from verikit.cli import main
 
 # (onnx, vnnlib, expected) from tests/data: answered in well under a second each by box,crown
 INSTANCES = [("test_nano.onnx", "test_nano.vnnlib", "holds"), ("test_tiny.onnx", "test_tiny.vnnlib", "holds"),
@@ -30,16 +27,6 @@ def _instances_csv(folder, rows=INSTANCES):
         for onnx, vnnlib, expected in rows:
             w.writerow(["t", os.path.join(TEST_DATA, onnx), os.path.join(TEST_DATA, vnnlib), 60, expected])
     return path
-
-
-def _run(*args):
-    import torch
-
-    threads = torch.get_num_threads()
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _rows(path):
@@ -141,11 +128,6 @@ def test_results_csv_reads_back_and_refuses_foreign_files_untouched(tmp_path):
     with pytest.raises(VerikitError, match="not a verikit vnncomp results file"):
         ResultsCsv(str(foreign), resume=True)
     assert foreign.read_text() == "a,b,c\n1,2,3\n4,5"  # not cut, not appended to
-
-
-def _verikit():
-    exe = os.path.join(os.path.dirname(sys.executable), "verikit")
-    return exe if os.path.exists(exe) else shutil.which("verikit")
 
 
 @pytest.mark.skipif(_verikit() is None, reason="verikit console script not installed")
