@@ -129,6 +129,8 @@ def main(argv=None):
     methods = ["milp", "bab"] if args.method == "both" else [args.method]
     runners = {"milp": run_instance, "bab": run_bab}
     stats: dict = {}  # (method, benchmark) -> {solved, wrong, unknown, times}
+    hard: set = set()  # (benchmark, onnx, vnnlib) that some method's complete step had to decide
+    seconds: dict = {}  # (method, benchmark, onnx, vnnlib) -> time
     print(f"{'method':6s} {'benchmark':8s} {'onnx':34s} {'vnnlib':22s} {'expected':8s} {'answer':8s} {'time_s':>7s} "
           "decided-by solver")
     for r in picked:
@@ -138,6 +140,10 @@ def main(argv=None):
             dt = time.perf_counter() - t0
             st = stats.setdefault((method, r["benchmark"]), dict(solved=0, wrong=0, unknown=0, times=[]))
             st["times"].append(dt)
+            # instances that needed the complete step (not settled by the attack or an incomplete domain)
+            if ans.answer == "unknown" or set(ans.by) & {"milp", "bab"}:
+                hard.add((r["benchmark"], r["onnx"], r["vnnlib"]))
+            seconds[(method, r["benchmark"], r["onnx"], r["vnnlib"])] = dt
             verdict = ""
             if ans.answer == "unknown":
                 st["unknown"] += 1
@@ -154,6 +160,17 @@ def main(argv=None):
         wrong += st["wrong"]
         print(f"{method:6s} {bench:8s} {len(st['times']):3d} {st['solved']:6d} {st['wrong']:5d} {st['unknown']:7d} "
               f"{float(np.median(st['times'])):8.2f}")
+    medians = {}
+    for (method, bench) in sorted(stats):
+        times = [seconds[(method,) + h] for h in sorted(hard) if h[0] == bench and (method,) + h in seconds]
+        if times:
+            medians[(method, bench)] = float(np.median(times))
+            print(f"{method:6s} {bench:8s} complete step needed on {len(times)}: median {medians[(method, bench)]:.2f} s")
+    for (method, bench), med in sorted(medians.items()):
+        if method == "bab" and ("milp", bench) in medians:
+            print(f"{bench}: bab / milp median ratio, all instances "
+                  f"{np.median(stats[('bab', bench)]['times']) / np.median(stats[('milp', bench)]['times']):.2f}, "
+                  f"where the complete step was needed {med / medians[('milp', bench)]:.2f}")
     return 1 if wrong else 0
 
 

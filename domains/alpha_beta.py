@@ -35,6 +35,7 @@ from torch import Tensor
 from verikit import ir
 from verikit.bounds import Box, BoundStore
 
+from .bab_activation_split import interval_constant, interval_multipliers, interval_terms, s_shaped_nodes
 from .box import propagate_box
 from .linear_bounds import LinearBoundEngine
 from .relaxations import relaxation_for
@@ -180,7 +181,11 @@ def _params(engine: LinearBoundEngine, start: str, m: int, signs: dict, alpha_in
 
 
 def _split_terms(betas: dict, signs: dict) -> dict:
-    return {name: -b * signs[name].unsqueeze(1).to(b.dtype) for name, b in betas.items()}
+    return {name: -b * signs[name].unsqueeze(1).to(b.dtype) for name, b in betas.items() if name in signs}
+
+
+def _all_terms(betas: dict, gammas: dict, signs: dict) -> dict:
+    return {**_split_terms(betas, signs), **interval_terms(gammas)}
 
 
 def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: int = 20, lr_alpha: float = 0.1,
@@ -211,11 +216,13 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
     plan = _Plan(engine, intermediate and steps > 0, signs)
     inter = {pre: _params(engine, pre, 2 * rows.numel(), signs, None, None) for pre, rows, _ in plan.nodes}
     alphas, betas = _params(engine, out, m, signs, alpha_init, beta_init)
+    # multipliers of the Sigmoid/Tanh input intervals (bab_activation_split.py), kept with the betas
+    gammas = interval_multipliers(folded, store, D, m, beta_init, engine.device, engine.dtype) if steps > 0 else {}
     best_pre = {pre: (store[pre].lo.detach().clone(), store[pre].hi.detach().clone()) for pre, _, _ in plan.nodes}
     best = plain if floor is None else torch.maximum(floor, plain)
     best_alpha = {k: v.detach().clone() for k, v in alphas.items()}
-    best_beta = {k: v.detach().clone() for k, v in betas.items()}
-    params = list(alphas.values()) + list(betas.values())
+    best_beta = {k: v.detach().clone() for k, v in list(betas.items()) + list(gammas.items())}
+    params = list(alphas.values()) + list(betas.values()) + list(gammas.values())
     params += [p for a, b in inter.values() for p in list(a.values()) + list(b.values())]
     groups = [{"params": [p for p in params if any(p is a for a in _all_alphas(alphas, inter))], "lr": lr_alpha},
               {"params": [p for p in params if not any(p is a for a in _all_alphas(alphas, inter))], "lr": lr_beta}]
@@ -223,10 +230,10 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
     done = 0
     for step in range(steps if opt is not None else 0):
         with torch.enable_grad():
-            lower, own = _pass(engine, plan, inter, best_pre, alphas, betas, signs, eye)
+            lower, own = _pass(engine, plan, inter, best_pre, alphas, betas, signs, eye, gammas)
             improved = lower.detach() > best
             best = torch.where(improved, lower.detach(), best)
-            for src, dst in ((alphas, best_alpha), (betas, best_beta)):
+            for src, dst in ((alphas, best_alpha), (betas, best_beta), (gammas, best_beta)):
                 for k, v in src.items():
                     mask = improved.reshape(improved.shape + (1,) * (v.dim() - 2))
                     dst[k] = torch.where(mask, v.detach(), dst[k])
@@ -245,10 +252,13 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
         engine._relax.clear()
         for pre, (lo, hi) in best_pre.items():
             store.update(pre, Box(lo, hi))
-        relus = [n.name for n in relu_nodes(folded)]
-        engine.capture = set(relus) | {folded.input_name}
+        # coefficients on every neuron branching may split: ReLUs and Sigmoid/Tanh (GenBaB)
+        branchable = [n.name for n in relu_nodes(folded)] + s_shaped_nodes(folded)
+        engine.capture = set(branchable) | {folded.input_name}
         engine.captured = {}
-        final = engine.lower_bound(out, eye, best_alpha, _split_terms(best_beta, signs))
+        best_gamma = {k: best_beta[k] for k in gammas}
+        final = engine.lower_bound(out, eye, best_alpha, _all_terms(best_beta, best_gamma, signs))
+        final = interval_constant(folded, store, best_gamma, final)
         engine.capture = set()
         best = torch.maximum(best, final)
         lam_x = engine.captured[folded.input_name]
@@ -259,7 +269,7 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
             pre_bounds[name] = (store[name].lo, store[name].hi)
         empty |= _empty(store, D)
     return BatchBounds(best, empty, pre_bounds, best_alpha, best_beta,
-                       {k: engine.captured.get(k) for k in relus if k in engine.captured}, minimisers, done)
+                       {k: engine.captured.get(k) for k in branchable if k in engine.captured}, minimisers, done)
 
 
 def _all_alphas(alphas: dict, inter: dict) -> list:
@@ -267,7 +277,7 @@ def _all_alphas(alphas: dict, inter: dict) -> list:
 
 
 def _pass(engine: LinearBoundEngine, plan: _Plan, inter: dict, best_pre: dict, alphas: dict, betas: dict,
-          signs: dict, eye: Tensor) -> tuple[Tensor, Tensor]:
+          signs: dict, eye: Tensor, gammas: dict) -> tuple[Tensor, Tensor]:
     """One joint evaluation: intermediate bounds with their own alphas/betas (kept at the best
     seen, element-wise), the relaxations they give, then the output rows. Returns the output
     lower bounds and the sum of the intermediate rows' own bounds (lower - upper)."""
@@ -288,4 +298,5 @@ def _pass(engine: LinearBoundEngine, plan: _Plan, inter: dict, best_pre: dict, a
         best_pre[pre] = (lo.detach(), hi.detach())
         for name in feeds:
             engine._relax[name] = _relu_relaxation(engine.graph.node(name).op, lo, hi)
-    return engine.lower_bound(engine.graph.output, eye, alphas, _split_terms(betas, signs)), own
+    lower = engine.lower_bound(engine.graph.output, eye, alphas, _all_terms(betas, gammas, signs))
+    return interval_constant(engine.graph, engine.store, gammas, lower), own

@@ -19,8 +19,10 @@ memory cap (`memory_mb`) is reached first, or when a sub-domain has no neuron le
 
 `bound()` decides the search strategy in one place (`_strategy`): input splitting
 (`bab_input.py`) for inputs of at most 16 elements (option `input_split`: auto / true /
-false), whatever the activations (Sigmoid/Tanh too); otherwise ReLU splitting for every
-network with ReLUs; a network without ReLUs is bounded at the root only.
+false), whatever the activations (Sigmoid/Tanh too); otherwise neuron splitting: ReLU splits
+and, for Sigmoid/Tanh neurons, splits of their input intervals (`bab_activation_split.py`,
+GenBaB), the candidate with the highest score winning; a network with neither is bounded at
+the root only.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .alpha_beta import BatchBounds, SubdomainBatch, bound_subdomains, relu_nodes
+from .bab_activation_split import activation_scores, merge_picks, narrowed, s_shaped_nodes
 from .bab_branching import check_branching, choose_splits
 from .bab_queue import Subdomain, SubdomainQueue
 from .base import FALSIFIED, UNKNOWN, VERIFIED, Domain, DomainResult, register_domain
@@ -212,7 +215,8 @@ def _sample_store(store: Optional[BoundStore], b: int, B: int) -> Optional[Bound
 
 
 class ReluSearch:
-    """Branch and bound over ReLU splits for one sample (box (1, *in), spec shared)."""
+    """Branch and bound over neuron splits (ReLU signs, Sigmoid/Tanh input intervals) for one
+    sample (box (1, *in), spec shared)."""
 
     def __init__(self, config: dict, graph, box: Box, spec: Spec, pre_bounds: dict, ctx, deadline: float):
         self.cfg, self.graph, self.box, self.spec, self.ctx = config, graph, box.detach(), spec, ctx
@@ -220,7 +224,10 @@ class ReluSearch:
         self.deadline = deadline
         self.folded = fold_spec(graph, spec)
         self.relus = [n.name for n in relu_nodes(self.folded)]
-        self.pre_of = {n: self.folded.node(n).inputs[0] for n in self.relus}
+        # Sigmoid/Tanh neurons are split on their input intervals (GenBaB; not those fed by the
+        # graph input directly: that is input splitting)
+        self.s_shaped = [n for n in s_shaped_nodes(self.folded) if self.folded.node(n).inputs[0] != graph.input_name]
+        self.pre_of = {n: self.folded.node(n).inputs[0] for n in self.relus + self.s_shaped}
         self.m = spec.num_rows
         self.given = pre_bounds
         self.root_bounds: Optional[BatchBounds] = None
@@ -342,7 +349,7 @@ class ReluSearch:
             open_idx = [k for k in range(len(parent_of)) if not bool(done[k])]
             depth = [parents[parent_of[k]].depth + 1 for k in range(len(parent_of))]
             r.depth = max([r.depth] + depth)
-            if open_idx and self.cfg["leaf_milp"] > 0:
+            if open_idx and self.cfg["leaf_milp"] > 0 and not self.s_shaped:  # no MILP for Sigmoid/Tanh
                 open_idx = self._leaves(batch, bounds, open_idx)
                 if open_idx is None:
                     return self._finish(FALSIFIED, queue=queue)
@@ -358,27 +365,34 @@ class ReluSearch:
         bounds = {p: (torch.stack([d.pre_bounds[p][0] for d in parents]), torch.stack([d.pre_bounds[p][1] for d in parents]))
                   for p in parents[0].pre_bounds}
         signs = {n: torch.stack([d.signs[n] for d in parents]) for n in self.relus}
-        coeffs = {n: torch.stack([d.coefficients[n] for d in parents]) for n in self.relus
+        coeffs = {n: torch.stack([d.coefficients[n] for d in parents]) for n in self.relus + self.s_shaped
                   if all(d.coefficients.get(n) is not None for d in parents)}
         lower = torch.stack([d.lower for d in parents])
-        picks = choose_splits(self.cfg["branching"], self.relus, self.pre_of, bounds, coeffs, signs,
-                              self.unproven_rows(lower))
+        rows = self.unproven_rows(lower)
+        relu_picks, relu_scores = choose_splits(self.cfg["branching"], self.relus, self.pre_of, bounds, coeffs, signs,
+                                                rows, with_scores=True)
+        s_scores, s_picks = activation_scores(self.folded, self.s_shaped, self.pre_of, bounds, coeffs, rows)
+        picks = merge_picks(relu_scores, relu_picks, s_scores, s_picks)
         keep = [k for k, p in enumerate(picks) if p is not None]
         if len(keep) < D:
             return None
         parent_of, child_signs = [], {n: [] for n in self.relus}
         child_bounds = {p: ([], []) for p in bounds}
-        for k, (name, idx) in enumerate(picks):
-            for s in (1, -1):
+        for k, (kind, name, idx) in enumerate(picks):
+            halves = narrowed(bounds[self.pre_of[name]][0][k], bounds[self.pre_of[name]][1][k], idx) \
+                if kind == "s" else None
+            for c, s in enumerate((1, -1)):
                 parent_of.append(k)
                 for n in self.relus:
                     t = signs[n][k].clone()
-                    if n == name:
+                    if kind == "relu" and n == name:
                         t.view(-1)[idx] = s
                     child_signs[n].append(t)
                 for p in bounds:
-                    child_bounds[p][0].append(bounds[p][0][k])
-                    child_bounds[p][1].append(bounds[p][1][k])
+                    lo, hi = halves[c] if halves is not None and p == self.pre_of[name] else \
+                        (bounds[p][0][k], bounds[p][1][k])
+                    child_bounds[p][0].append(lo)
+                    child_bounds[p][1].append(hi)
         inputs = Box(self.box.lo.expand((2 * D,) + self.box.lo.shape[1:]), self.box.hi.expand((2 * D,) + self.box.hi.shape[1:]))
         batch = SubdomainBatch(inputs, {n: torch.stack(v) for n, v in child_signs.items()},
                                {p: (torch.stack(lo), torch.stack(hi)) for p, (lo, hi) in child_bounds.items()})

@@ -29,10 +29,11 @@ def check_branching(name: str) -> str:
 
 
 def choose_splits(rule: str, relus: list, pre_of: dict, bounds: dict, coefficients: dict, signs: dict,
-                  rows: Tensor) -> list:
+                  rows: Tensor, with_scores: bool = False):
     """Per sub-domain: (ReLU node name, flat neuron index) to split, or None when no unstable
     unsplit neuron is left. `bounds`: pre-activation node -> (lo, hi) (D, *shape);
-    `coefficients`: ReLU node -> (D, m, *shape); `rows` (D, m) bool: the rows still unproven."""
+    `coefficients`: ReLU node -> (D, m, *shape); `rows` (D, m) bool: the rows still unproven.
+    `with_scores`: return (picks, scores (D,)) so other candidates can be compared with them."""
     best_score: Optional[Tensor] = None
     best_node: Optional[Tensor] = None
     best_index: Optional[Tensor] = None
@@ -63,6 +64,8 @@ def choose_splits(rule: str, relus: list, pre_of: dict, bounds: dict, coefficien
             best_index = torch.where(better, idx, best_index)
             best_node = torch.where(better, torch.full_like(idx, k), best_node)
     if best_score is None:
-        return [None] * rows.shape[0]
-    return [None if float(s) < 0 else (relus[int(n)], int(i))
-            for s, n, i in zip(best_score.tolist(), best_node.tolist(), best_index.tolist())]
+        none = [None] * rows.shape[0]
+        return (none, None) if with_scores else none
+    picks = [None if float(s) < 0 else (relus[int(n)], int(i))
+             for s, n, i in zip(best_score.tolist(), best_node.tolist(), best_index.tolist())]
+    return (picks, best_score) if with_scores else picks
