@@ -261,7 +261,7 @@ def certify(ctx, model, eps, vnnlib_path, result_file, sat_unsat, dataset, split
         loaded = load_model(model, mean_v, std_v, flags["device"])
         with _ray_session(parallel):
             return _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json,
-                                   (parallel, mean_v, std_v, flags["device"]))
+                                   (parallel, mean_v, std_v, flags["device"]), progress=not flags["quiet"])
     _reject_given(ctx, ["result_file", "sat_unsat"], "without --vnnlib")
     if eps is None:
         raise VerikitError("give --eps (e.g. --eps 0.1) or --vnnlib PROPERTY")
@@ -388,7 +388,7 @@ class _DatasetRun:
         return f"{head}; finished records are in {self.output}; continue with:\n  verikit {shlex.join(argv)}"
 
 
-def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json, parallel=None):
+def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json, parallel=None, progress=False):
     from .vnn import check_property, result_text
     from .vnnlib import load_vnnlib
 
@@ -401,7 +401,13 @@ def _certify_vnnlib(loaded, vnnlib_path, cfg, result_file, sat_unsat, as_json, p
             opts, mean, std, device = parallel
             res = check_property_parallel(loaded, mean, std, device, prop, cfg, opts)
         else:
-            res = check_property(loaded, prop, cfg)
+            from .vnn import check_fits
+
+            check_fits(prop, loaded)  # bad input: one error line, before any progress output
+            # a bar for the property, whose info line a long search (bab) keeps up to date
+            with Progress(1, "property", unit="properties", enabled=progress) as bar:
+                res = check_property(loaded, prop, cfg)
+                bar.update(1, res.answer)
     except KeyboardInterrupt as e:
         click.echo("interrupted: the property was not decided" + (f"; {result_file} was not written" if result_file
                                                                    else ""), err=True)

@@ -91,7 +91,7 @@ def _bound(folded, lo: Tensor, hi: Tensor, opts: InputSplitOptions, ctx):
     engine.store = _InputOverride(store, folded.input_name, Box.from_center_radius(centre, box.radius))
     m = plain.shape[1]
     with torch.enable_grad():
-        lam = torch.eye(m, dtype=plain.dtype).expand(shape[0], m, m)
+        lam = torch.eye(m, dtype=plain.dtype, device=plain.device).expand(shape[0], m, m)
         redo = engine.lower_bound(folded.output, lam)
         coeffs = torch.stack([torch.autograd.grad(redo[:, i].sum(), centre, retain_graph=i + 1 < m)[0]
                               .reshape(shape[0], -1) for i in range(m)], 1)
@@ -139,7 +139,8 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
             return x[0] if confirm_counterexample(graph, spec, x) else None
     folded = fold_spec(graph, spec)
     groups = spec.group_list
-    member = torch.zeros(len(groups), spec.num_rows, dtype=torch.bool)
+    device = inputs.lo.device  # every tensor of the search lives with the inputs (cuda too)
+    member = torch.zeros(len(groups), spec.num_rows, dtype=torch.bool, device=device)
     for k, g in enumerate(groups):
         member[k, list(g)] = True
     res = InputSplitResult(UNKNOWN)
@@ -172,8 +173,8 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
 
     # the pending sub-boxes, as batched tensors: bounds, proven groups, depth, margin (queue key)
     lo, hi = root_lo, root_hi
-    done = torch.zeros(1, len(groups), dtype=torch.bool)
-    depth = torch.zeros(1, dtype=torch.long)
+    done = torch.zeros(1, len(groups), dtype=torch.bool, device=device)
+    depth = torch.zeros(1, dtype=torch.long, device=device)
     fresh = True  # lo/hi are not bounded yet
     q_lo = q_hi = q_done = q_depth = q_margin = q_coef = None
     stuck = False
@@ -188,7 +189,7 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
             rows_ok = lower > torch.maximum(float_guard(lower), guard)
             done = done | (rows_ok.unsqueeze(1) & member.unsqueeze(0)).any(2)
             # margin of a box: over unproven groups, the best row's lower bound (min over groups)
-            per_group = torch.where(member.unsqueeze(0), lower.unsqueeze(1), torch.tensor(-math.inf, dtype=lower.dtype))
+            per_group = torch.where(member.unsqueeze(0), lower.unsqueeze(1), torch.tensor(-math.inf, dtype=lower.dtype, device=lower.device))
             best = per_group.max(2).values.masked_fill(done, math.inf)
             margins = best.min(1).values
             cex = falsify(lo, hi, coeffs, margins)
@@ -227,7 +228,7 @@ def input_split_search(graph, spec: Spec, inputs: Box, *, deadline: float, optio
             stuck = True  # a sub-box too small to split stays undecided; the rest may still falsify
             p_lo, p_hi, p_done, p_depth, score, width = (t[ok] for t in (p_lo, p_hi, p_done, p_depth, score, width))
         dim = score.argmax(1)
-        rows = torch.arange(p_lo.shape[0])
+        rows = torch.arange(p_lo.shape[0], device=p_lo.device)
         mid = p_lo[rows, dim] + width[rows, dim] / 2
         left_hi, right_lo = p_hi.clone(), p_lo.clone()
         left_hi[rows, dim] = mid
@@ -254,7 +255,8 @@ def search_for_bab(graph, box: Box, spec: Spec, ctx, deadline: float, config: di
     if not config.get("pgd_steps"):
         opts.pgd_steps = 0
     res = input_split_search(graph, spec, box, deadline=deadline, options=opts, ctx=ctx)
-    lower = res.lower if res.lower is not None else torch.full((spec.num_rows,), -math.inf, dtype=graph.dtype)
+    lower = res.lower if res.lower is not None else \
+        torch.full((spec.num_rows,), -math.inf, dtype=graph.dtype, device=box.lo.device)
     return SearchResult(res.status, lower, res.counterexample, visited=res.visited, depth=res.depth,
                         reason=res.reason, seconds=res.seconds)
 

@@ -161,7 +161,8 @@ class Spec:
         sign = torch.sign(vals)
         for b, i in close.nonzero().tolist():
             sign[b, i] = _exact_sign(C[b, i] if C.dim() == 3 else C[i], y64[b], d[b, i] if d.dim() == 2 else d[i])
-        strict = self.strict.to(sign.device) if self.strict is not None else torch.zeros(self.num_rows, dtype=torch.bool)
+        strict = self.strict.to(sign.device) if self.strict is not None else \
+            torch.zeros(self.num_rows, dtype=torch.bool, device=sign.device)
         unsafe = torch.where(strict, sign < 0, sign <= 0)
         return ~self._reduce(~unsafe)
 
