@@ -23,6 +23,8 @@ import time
 import numpy as np
 import torch
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))  # shared test helpers
+
 CHAINS = {"crown": ["box", "crown"], "milp": ["box", "crown", "milp"], "bab": ["box", "crown", "bab"]}
 
 
@@ -39,23 +41,11 @@ def vnnlib_text(x: np.ndarray, eps: float, label: int, n_out: int) -> str:
 def train_cnn7(path: str, width: int, n_train: int = 3000, epochs: int = 3, seed: int = 0) -> str:
     from torch import nn
 
-    from verikit.datasets import load_mnist
+    from certify_tiny_model import fit_on_mnist
     from verikit.models.architectures import cnn7
 
     torch.manual_seed(seed)
-    x, y = load_mnist("train")
-    x, y = x[:n_train], y[:n_train]
-    net = nn.Sequential(*cnn7((1, 28, 28), 10, width=width, linear=4 * width))
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(n_train)
-        for s in range(0, n_train, 100):
-            idx = perm[s:s + 100]
-            loss = nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    net.eval()
+    net = fit_on_mnist(nn.Sequential(*cnn7((1, 28, 28), 10, width=width, linear=4 * width)), n_train, epochs)
     torch.onnx.export(net, (torch.zeros(1, 1, 28, 28),), path, dynamo=False, input_names=["input"],
                       output_names=["logits"])
     return path

@@ -2,7 +2,6 @@
 random small nets and never say verified where a counterexample exists; limits give unknown;
 deterministic mode repeats exactly; options are checked; the CLI reaches it."""
 import functools
-import math
 
 import numpy as np
 import pytest
@@ -10,22 +9,13 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from exact_oracle import exact_min
+from test_milp import mlp
 from verikit.bounds import Box
 from verikit.domains import available_domains, get_domain
 from verikit.domains.milp import confirm_counterexample
 from verikit.errors import VerikitError
 from verikit.spec import Spec
 from verikit.torch_import import from_torch
-
-
-def mlp(seed, sizes):
-    torch.manual_seed(seed)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(torch.nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers).eval()
 
 
 def case(seed, sizes, eps):
