@@ -10,7 +10,7 @@ Only non-linear ops add variables:
 - LeakyReLU(alpha) = alpha z + (1 - alpha) relu(z): a ReLU plus an affine combination.
 - MaxPool: y >= z_i for every candidate and, with one binary per candidate summing to 1,
   y <= z_i + (max u - l_i)(1 - a_i); candidates that can never be the maximum are dropped.
-Sigmoid/Tanh are not piecewise linear and are rejected.
+Sigmoid/Tanh/Exp are not piecewise linear and are rejected.
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ class Encoding:
     num_binaries: int
 
 
-UNSUPPORTED = (ir.Sigmoid, ir.Tanh)
+UNSUPPORTED = (ir.Sigmoid, ir.Tanh, ir.Exp)
 
 # a tightener gets (model, expression of a layer's pre-activations, current lo, hi) and returns
 # tighter (lo, hi) arrays; used by the optional LP/MILP bound tightening

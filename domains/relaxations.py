@@ -214,6 +214,41 @@ def tanh_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[i
     return _s_shaped(torch.tanh, _tanh_grad, l, u, variant)
 
 
+# ---------------------------------------------------------------- Exp (convex)
+# exp overflows float32 above ~88.7: inputs bounded above this are refused, not bounded by inf
+EXP_MAX_INPUT = 80.0
+
+
+def exp_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    """exp is convex: the chord is an upper line, any tangent a lower line (CROWN and DeepPoly
+    alike: the tangent at the midpoint). Computed in float64, slopes rounded with the outward
+    intercept shift of `_round_line`, intercepts checked at the touching points (`_fit`)."""
+    if variant not in VARIANTS:
+        raise VerikitError(f"unknown relaxation variant {variant!r}; known: {', '.join(VARIANTS)}")
+    if not (torch.isfinite(l).all() and torch.isfinite(u).all()):
+        raise VerikitError("Exp: an input bound is not finite; no linear bound of exp holds there")
+    if bool((u > EXP_MAX_INPUT).any()):
+        raise VerikitError(f"Exp: an input's upper bound is {float(u.max()):.4g} > {EXP_MAX_INPUT:g}; exp would overflow "
+                           "float32 there (bound the inputs tighter)")
+    dtype = l.dtype
+    l, u = l.double(), u.double()
+    point = (u - l) <= _TINY_WIDTH
+    u_safe = torch.where(point, l + 1.0, u)
+    fl, fu = torch.exp(l), torch.exp(u_safe)
+    chord = (fu - fl) / (u_safe - l)
+    mid = (l + u_safe) / 2
+    lo_s, lo_b = _tangent_line(torch.exp, torch.exp, mid, l, u_safe, above=False)
+    lo_s, lo_b = _round_line(lo_s, lo_b, l, u_safe, dtype, above=False)
+    up_s, up_b = _round_line(chord, fl - chord * l, l, u_safe, dtype, above=True)
+    probes = [l, u_safe, mid]
+    lo_b = _fit(lo_s, lo_b, probes, torch.exp, above=False)
+    up_b = _fit(up_s, up_b, probes, torch.exp, above=True)
+    zero = torch.zeros_like(l, dtype=dtype)
+    lo_c, up_c = _fit(zero, fl, [l], torch.exp, above=False), _fit(zero, torch.exp(u), [u], torch.exp, above=True)
+    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, lo_c, lo_b),
+                            torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
+
+
 # ---------------------------------------------------------------- S-shaped, tangent points free
 S_SHAPED = {ir.Sigmoid: (torch.sigmoid, _sigmoid_grad), ir.Tanh: (torch.tanh, _tanh_grad)}
 
@@ -293,6 +328,7 @@ RELAXATIONS: dict[type, Callable[..., LinearRelaxation]] = {
     ir.LeakyReLU: leaky_relu_relaxation,
     ir.Sigmoid: sigmoid_relaxation,
     ir.Tanh: tanh_relaxation,
+    ir.Exp: exp_relaxation,
 }
 
 

@@ -131,6 +131,7 @@ def graphs():
         "leaky-concave-mlp": (dense_net(lambda: ir.LeakyReLU(2.0)), (6,)),
         "sigmoid-mlp": (dense_net(ir.Sigmoid), (6,)),
         "tanh-mlp": (dense_net(ir.Tanh), (6,)),
+        "exp-mlp": (dense_net(ir.Exp), (6,)),
         "conv-mix": (conv_mix(), (2, 6, 6)),
         "dag": dag_net(),
         "take": take_net(),

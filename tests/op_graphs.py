@@ -110,6 +110,7 @@ OP_GRAPHS = {
     "leaky-relu": _dense_graph(lambda g: ir.LeakyReLU(0.1)),
     "sigmoid": _dense_graph(lambda g: ir.Sigmoid()),
     "tanh": _dense_graph(lambda g: ir.Tanh()),
+    "exp": _dense_graph(lambda g: ir.Exp()),
     "maxpool": _conv_graph(lambda g: ir.MaxPool2d((2, 2), (2, 2))),
     "maxpool-overlap-pad": _conv_graph(lambda g: ir.MaxPool2d((3, 3), (2, 2), (1, 1))),
     "mlp": _mlp,

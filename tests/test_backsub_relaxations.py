@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from verikit import ir
 from verikit.domains.relaxations import RELAXATIONS, VARIANTS, maxpool_relaxation, relaxation_for
 
-OPS = [ir.ReLU(), ir.LeakyReLU(0.1), ir.LeakyReLU(1.7), ir.Sigmoid(), ir.Tanh()]
+OPS = [ir.ReLU(), ir.LeakyReLU(0.1), ir.LeakyReLU(1.7), ir.Sigmoid(), ir.Tanh(), ir.Exp()]
 
 
 def test_table_covers_every_activation():

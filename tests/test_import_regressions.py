@@ -77,27 +77,27 @@ def test_unknown_attributes_are_refused_by_name(tmp_path):
 
 
 def test_every_unsupported_node_on_one_path_is_listed(tmp_path):
-    nodes = [N("MatMul", ["x", "W"], ["h"]), N("Exp", ["h"], ["e"], name="exp"),
+    nodes = [N("MatMul", ["x", "W"], ["h"]), N("Erf", ["h"], ["e"], name="erf"),
              N("Softmax", ["e"], ["s"], axis=1, name="softmax"), N("Relu", ["s"], ["r"]),
              N("AveragePool", ["r"], ["y"], kernel_shape=[1], dilations=[2], name="pool")]
     path = make_model(nodes, (1, 1, 4), [("W", _w(4, 4))], str(tmp_path / "chain.onnx"), opset=19)
     with pytest.raises(UnsupportedOpsError) as err:
         from_onnx(path)
     listed = {name: why for name, _, why in err.value.nodes}
-    assert set(listed) == {"exp", "softmax", "pool"}  # Relu is supported: only its input failed
+    assert set(listed) == {"erf", "softmax", "pool"}  # Relu is supported: only its input failed
     assert "dilations" in listed["pool"]  # checked by attributes although its input shape is unknown
 
 
 def test_downstream_constant_roles_are_checked_without_shapes(tmp_path):
     # the Reshape's shape is computed from a tensor downstream of an unsupported op: that is
     # still a constant (Shape of data), so the Reshape is fine; the Conv with data weights is not
-    nodes = [N("Exp", ["x"], ["e"], name="exp"), N("Shape", ["e"], ["s"]), N("Reshape", ["e", "s"], ["r"]),
+    nodes = [N("Erf", ["x"], ["e"], name="erf"), N("Shape", ["e"], ["s"]), N("Reshape", ["e", "s"], ["r"]),
              N("Conv", ["r", "r"], ["y"], name="conv")]
     path = make_model(nodes, (1, 1, 2, 2), [], str(tmp_path / "roles.onnx"))
     with pytest.raises(UnsupportedOpsError) as err:
         from_onnx(path)
     listed = {name: why for name, _, why in err.value.nodes}
-    assert set(listed) == {"exp", "conv"} and "weights" in listed["conv"]
+    assert set(listed) == {"erf", "conv"} and "weights" in listed["conv"]
 
 
 # ------------------------------------------------------------------ item 4: constants broadcasting into the batch

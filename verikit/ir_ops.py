@@ -6,6 +6,8 @@ affine and exact (it only moves values), so every domain gets it through the aff
 Box through `abs_linear`, back-substitution through the VJP, the MILP through its basis.
 The same holds for the upsampling ops `ConvTranspose2d` (ONNX ConvTranspose) and `Resample`
 (ONNX Resize in nearest / linear mode: a constant matrix per resized axis).
+`Exp` (ONNX Exp) is a monotone element-wise activation, convex: its lines are in the shared
+relaxation table (domains/relaxations.py); the MILP rejects it.
 """
 from __future__ import annotations
 
@@ -105,3 +107,14 @@ class Resample(Op):
 
     def describe(self) -> str:
         return f"Resample(axes={self.axes}, sizes={[tuple(m.shape) for m in self.matrices]})"
+
+
+@dataclass(eq=False)
+class Exp(Op):
+    """e^x element-wise (ONNX Exp): increasing and convex."""
+
+    op_type: ClassVar[str] = "Exp"
+    is_activation: ClassVar[bool] = True
+
+    def forward(self, x, ctx=None):
+        return torch.exp(x)

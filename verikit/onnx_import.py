@@ -414,3 +414,6 @@ class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
 
     def op_Tanh(self, node, a):
         return self._unary(node, ir.Tanh())
+
+    def op_Exp(self, node, a):
+        return self._unary(node, ir.Exp())

@@ -36,6 +36,7 @@ DATA_OPS: dict[str, set] = {
     "LeakyRelu": {"alpha"},
     "Sigmoid": set(),
     "Tanh": set(),
+    "Exp": set(),
     "Shape": {"start", "end"},
     "Slice": {"starts", "ends", "axes"},
     "Gather": {"axis"},

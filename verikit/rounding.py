@@ -189,6 +189,12 @@ def _s_shaped(op, node, graph, mags, unit, executed):
     return ACTIVATION_ULPS * unit * top + ACTIVATION_ABS * (unit / U32)
 
 
+def _exp(op, node, graph, mags, unit, executed):
+    (x,) = mags
+    # |e^v| <= e^|v|; a libm exp is within a few ulps of the exact value
+    return ACTIVATION_ULPS * unit * torch.exp(x) + ACTIVATION_ABS * (unit / U32)
+
+
 def _exact(*args, **kwargs):
     return None
 
@@ -196,7 +202,7 @@ def _exact(*args, **kwargs):
 LOCAL_ERROR_RULES: dict[type, Callable] = {
     ir.Linear: _linear, ir.Conv2d: _conv, ir.ElementwiseAffine: _elementwise, ir.BatchNorm: _batchnorm,
     ir.AvgPool2d: _pool_mean, ir.GlobalAvgPool: _pool_mean, ir.Add: _add, ir.LeakyReLU: _leaky,
-    ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped,
+    ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped, ir.Exp: _exp,
     ir.Pad: _exact, ir.Reshape: _exact, ir.Transpose: _exact, ir.Concat: _exact, ir.ReLU: _exact,
     ir.MaxPool2d: _exact, ir.Take: _exact, ir.ConvTranspose2d: _conv_transpose, ir.Resample: _resample,
 }
@@ -239,6 +245,8 @@ def propagate_errors(graph: ir.Graph, boxes: Callable[[str], Box], unit: float, 
             if op.is_affine:
                 zs = [e if e is not None else torch.zeros_like(boxes(i).lo) for e, i in zip(ins, node.inputs)]
                 carried = op.abs_linear(*zs)
+            elif isinstance(op, ir.Exp):  # no global Lipschitz constant: e^(hi + err) on the input's box
+                carried = torch.exp(boxes(node.inputs[0]).hi + ins[0]) * ins[0]
             elif op.is_activation:
                 carried = _lipschitz(op) * ins[0]
             else:  # max-pooling moves each output by at most the largest error in its window

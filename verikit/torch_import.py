@@ -62,7 +62,7 @@ def _module_op(m: nn.Module):
 
 
 _ACTIVATION_FNS = {torch.relu: ir.ReLU, F.relu: ir.ReLU, torch.sigmoid: ir.Sigmoid, torch.tanh: ir.Tanh,
-                   F.sigmoid: ir.Sigmoid, F.tanh: ir.Tanh}
+                   F.sigmoid: ir.Sigmoid, F.tanh: ir.Tanh, torch.exp: ir.Exp}
 
 
 def from_torch(module: nn.Module, input_shape: Sequence[int]) -> ir.Graph:
