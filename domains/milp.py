@@ -19,6 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from verikit import ir
 from verikit.bounds import Box, BoundStore
 from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
@@ -207,7 +208,13 @@ class MilpDomain(Domain):
         hi = box.hi[b].detach().double().cpu().numpy().reshape(-1)
         x = np.clip(sol[enc.input_vars], lo, hi)
         xt = torch.tensor(x, dtype=graph.dtype).reshape((1,) + tuple(graph.input_shape)).to(box.lo.device)
-        return xt[0] if confirm_counterexample(graph, spec_b, xt) else None
+        if confirm_counterexample(graph, spec_b, xt):
+            return xt[0]
+        if any(isinstance(n.op, ir.Sign) for n in graph.nodes):
+            # the solver's optimum sits where some Sign input is 0, and there it may pick the sign
+            # of the side it needs: the violating points are next to it, in that side's region
+            return _near_counterexample(graph, spec_b, xt, box.lo[b:b + 1], box.hi[b:b + 1])
+        return None
 
     def _tightener(self, deadline: float):
         mode = self.config["tighten"]
@@ -238,6 +245,20 @@ class MilpDomain(Domain):
             return lo, np.maximum(hi, lo)
 
         return tighten
+
+
+def _near_counterexample(graph, spec_b: Spec, x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """A re-checked violating point among small random moves of x inside [lo, hi], or None."""
+    gen = torch.Generator().manual_seed(0)
+    for scale in (1e-6, 1e-4, 1e-2):
+        moves = (torch.rand((64,) + tuple(x.shape[1:]), generator=gen, dtype=x.dtype) * 2 - 1).to(x.device)
+        pts = torch.minimum(torch.maximum(x + scale * (hi - lo) * moves, lo), hi)
+        with torch.no_grad():
+            bad = spec_b.to(dtype=torch.float64).expand(len(pts)).violated_by(graph.forward(pts).double())
+        for k in torch.nonzero(bad).flatten().tolist():
+            if confirm_counterexample(graph, spec_b, pts[k:k + 1]):
+                return pts[k]
+    return None
 
 
 def confirm_counterexample(graph, spec_b: Spec, x: torch.Tensor) -> bool:

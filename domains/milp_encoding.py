@@ -10,6 +10,10 @@ Only non-linear ops add variables:
 - LeakyReLU(alpha) = alpha z + (1 - alpha) relu(z): a ReLU plus an affine combination.
 - MaxPool: y >= z_i for every candidate and, with one binary per candidate summing to 1,
   y <= z_i + (max u - l_i)(1 - a_i); candidates that can never be the maximum are dropped.
+- Sign: fixed-sign neurons are constants; the others get binaries p (y = 1) and n (y = -1),
+  p + n <= 1, y = p - n, with z >= l (1 - p), z <= u (1 - n) and l (p + n) <= z <= u (p + n)
+  (p = n = 0 forces z = 0). Exact up to the solver's tolerance, which only adds points (a
+  counterexample is re-checked concretely before it is reported).
 Sigmoid/Tanh/Exp are not piecewise linear and are rejected.
 """
 from __future__ import annotations
@@ -225,6 +229,33 @@ def _relu(model: MilpModel, z: Expr, lo: np.ndarray, hi: np.ndarray) -> tuple[Ex
     return Expr((keep + rows_u).tocsr(), np.where(active, z.c, 0.0)), k
 
 
+def _sign(model: MilpModel, z: Expr, lo: np.ndarray, hi: np.ndarray) -> tuple[Expr, int]:
+    n = z.A.shape[0]
+    fixed = (lo > 0) | (hi < 0) | ((lo == 0) & (hi == 0))
+    free = np.flatnonzero(~fixed)
+    k = free.size
+    if k:
+        p = model.add_vars(np.zeros(k), np.ones(k), integer=True)
+        q = model.add_vars(np.zeros(k), np.ones(k), integer=True)
+        nv = model.num_vars()
+        Az, cz, l, u = pad(z.A[free], nv), z.c[free], lo[free], hi[free]
+        r = np.arange(k)
+        P = lambda coef: sp.csr_matrix((coef, (r, p)), shape=(k, nv))
+        Q = lambda coef: sp.csr_matrix((coef, (r, q)), shape=(k, nv))
+        model.add_rows(P(np.ones(k)) + Q(np.ones(k)), -INF, 1.0)  # p + n <= 1
+        model.add_rows(Az + P(l), l - cz, INF)  # z >= l (1 - p)
+        model.add_rows(Az + Q(u), -INF, u - cz)  # z <= u (1 - n)
+        model.add_rows(Az - P(u) - Q(u), -INF, -cz)  # z <= u (p + n)
+        model.add_rows(Az - P(l) - Q(l), -cz, INF)  # z >= l (p + n)
+    nv = model.num_vars()
+    A = sp.csr_matrix((n, nv))
+    if k:
+        A = sp.csr_matrix((np.concatenate([np.ones(k), -np.ones(k)]),
+                           (np.concatenate([free, free]), np.concatenate([p, q]))), shape=(n, nv))
+    const = np.where(lo > 0, 1.0, np.where(hi < 0, -1.0, 0.0))  # the fixed ones' value (free ones: 0)
+    return Expr(A, np.where(fixed, const, 0.0)), 2 * k
+
+
 def _maxpool(model: MilpModel, z: Expr, lo, hi, members: sp.csr_matrix) -> tuple[Expr, int]:
     rows, consts, nbin = [], [], 0
     out_idx = []  # for each output: ("expr", input i) or ("var", var index)
@@ -311,6 +342,11 @@ def encode(graph: ir.Graph, store: BoundStore, b: int, jac: Optional[JacobianCac
                 nv = model.num_vars()
                 r = Expr((al * pad(z.A, nv) + (1 - al) * r.A).tocsr(), al * z.c + (1 - al) * r.c)
             exprs[node.name] = r
+        elif isinstance(op, ir.Sign):
+            z = ins[0]
+            lo, hi = bounds_of(node.inputs[0], z)
+            exprs[node.name], k = _sign(model, z, lo, hi)
+            nbin += k
         elif isinstance(op, ir.MaxPool2d):
             z = ins[0]
             lo, hi = bounds_of(node.inputs[0], z)

@@ -19,6 +19,7 @@ MaxPool is not element-wise: `maxpool_relaxation` describes it per pooling windo
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -249,6 +250,44 @@ def exp_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir
                             torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
 
 
+# ---------------------------------------------------------------- Sign (piecewise constant)
+SIGN_MAX_SLOPE = 1e4
+
+
+def _slope_down(s64: Tensor, dtype) -> Tensor:
+    """s64 rounded to `dtype`, downwards."""
+    s = s64.to(dtype)
+    return torch.where(s.double() > s64, torch.nextafter(s, torch.full_like(s, -math.inf)), s)
+
+
+def sign_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
+    """Lines for sign on [l, u] (sign(0) = 0). Across 0 (l < 0 < u): lower -1 + (2/u) x (<= -1
+    left of 0, <= 1 right of it), upper 1 + (2/-l) x; on [0, u]: lower x / u, upper 1; on
+    [l, 0]: lower -1, upper x / -l; constants where the sign is fixed. The intercepts are exact
+    (0, -1 or 1) and the slopes are rounded down (a smaller slope keeps every one of these lines
+    on its side where it binds), so the lines hold in floating point. Same for both variants."""
+    if variant not in VARIANTS:
+        raise VerikitError(f"unknown relaxation variant {variant!r}; known: {', '.join(VARIANTS)}")
+    dtype = l.dtype
+    zero, one = torch.zeros_like(l), torch.ones_like(l)
+    pos_u = torch.where(u > 0, u.double(), torch.ones_like(u, dtype=torch.float64))
+    neg_l = torch.where(l < 0, -l.double(), torch.ones_like(l, dtype=torch.float64))
+    cross, right, left = (l < 0) & (u > 0), (l == 0) & (u > 0), (l < 0) & (u == 0)
+    # no sloped line steeper than SIGN_MAX_SLOPE: float error of s * z grows with s; the constant
+    # lines (-1 below, 1 above) are valid on any interval
+    steep_lo, steep_up = pos_u < 2.0 / SIGN_MAX_SLOPE, neg_l < 2.0 / SIGN_MAX_SLOPE
+    right = right & ~steep_lo
+    left = left & ~steep_up
+    cross_lo, cross_up = cross & ~steep_lo, cross & ~steep_up
+    lo_s = torch.where(cross_lo, _slope_down(2.0 / pos_u, dtype), torch.where(right, _slope_down(1.0 / pos_u, dtype), zero))
+    lo_b = torch.where(cross | (l < 0), -one, torch.sign(l))  # l < 0: -1 (constant or the sloped line's intercept)
+    lo_b = torch.where(right, zero, lo_b)
+    up_s = torch.where(cross_up, _slope_down(2.0 / neg_l, dtype), torch.where(left, _slope_down(1.0 / neg_l, dtype), zero))
+    up_b = torch.where(cross | (u > 0), one, torch.sign(u))
+    up_b = torch.where(left, zero, up_b)
+    return LinearRelaxation(lo_s, lo_b, up_s, up_b)
+
+
 # ---------------------------------------------------------------- S-shaped, tangent points free
 S_SHAPED = {ir.Sigmoid: (torch.sigmoid, _sigmoid_grad), ir.Tanh: (torch.tanh, _tanh_grad)}
 
@@ -329,6 +368,7 @@ RELAXATIONS: dict[type, Callable[..., LinearRelaxation]] = {
     ir.Sigmoid: sigmoid_relaxation,
     ir.Tanh: tanh_relaxation,
     ir.Exp: exp_relaxation,
+    ir.Sign: sign_relaxation,
 }
 
 

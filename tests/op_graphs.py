@@ -111,6 +111,7 @@ OP_GRAPHS = {
     "sigmoid": _dense_graph(lambda g: ir.Sigmoid()),
     "tanh": _dense_graph(lambda g: ir.Tanh()),
     "exp": _dense_graph(lambda g: ir.Exp()),
+    "sign": _dense_graph(lambda g: ir.Sign()),
     "maxpool": _conv_graph(lambda g: ir.MaxPool2d((2, 2), (2, 2))),
     "maxpool-overlap-pad": _conv_graph(lambda g: ir.MaxPool2d((3, 3), (2, 2), (1, 1))),
     "mlp": _mlp,

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from verikit import ir
 from verikit.domains.relaxations import RELAXATIONS, VARIANTS, maxpool_relaxation, relaxation_for
 
-OPS = [ir.ReLU(), ir.LeakyReLU(0.1), ir.LeakyReLU(1.7), ir.Sigmoid(), ir.Tanh(), ir.Exp()]
+OPS = [ir.ReLU(), ir.LeakyReLU(0.1), ir.LeakyReLU(1.7), ir.Sigmoid(), ir.Tanh(), ir.Exp(), ir.Sign()]
 
 
 def test_table_covers_every_activation():
@@ -20,7 +20,9 @@ def _check(op, l, u, variant, dtype, tol):
     l, u = l.to(dtype), u.to(dtype)
     rel = relaxation_for(op, l, u, variant)
     t = torch.linspace(0, 1, 201, dtype=dtype).reshape(-1, 1)
-    xs = l + t * (u - l)  # (201, n) points including both ends
+    # (201, n) points including both ends, kept inside [l, u] (l + (u - l) can round past u,
+    # which matters for a discontinuous op such as Sign)
+    xs = torch.minimum(torch.maximum(l + t * (u - l), l), u)
     f = op.forward(xs)
     tol = tol * (1 + f.abs())  # relative: float32 rounds lines through values of size |f|
     lower = rel.lower_slope * xs + rel.lower_bias

@@ -118,3 +118,15 @@ class Exp(Op):
 
     def forward(self, x, ctx=None):
         return torch.exp(x)
+
+
+@dataclass(eq=False)
+class Sign(Op):
+    """-1, 0 or 1 element-wise (ONNX Sign; Sign(0) = 0): non-decreasing, piecewise constant.
+    Its lines are in the shared relaxation table; the MILP encodes it exactly with two binaries."""
+
+    op_type: ClassVar[str] = "Sign"
+    is_activation: ClassVar[bool] = True
+
+    def forward(self, x, ctx=None):
+        return torch.sign(x)

@@ -417,3 +417,6 @@ class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
 
     def op_Exp(self, node, a):
         return self._unary(node, ir.Exp())
+
+    def op_Sign(self, node, a):
+        return self._unary(node, ir.Sign())

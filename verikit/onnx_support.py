@@ -37,6 +37,7 @@ DATA_OPS: dict[str, set] = {
     "Sigmoid": set(),
     "Tanh": set(),
     "Exp": set(),
+    "Sign": set(),
     "Shape": {"start", "end"},
     "Slice": {"starts", "ends", "axes"},
     "Gather": {"axis"},

@@ -204,7 +204,7 @@ LOCAL_ERROR_RULES: dict[type, Callable] = {
     ir.AvgPool2d: _pool_mean, ir.GlobalAvgPool: _pool_mean, ir.Add: _add, ir.LeakyReLU: _leaky,
     ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped, ir.Exp: _exp,
     ir.Pad: _exact, ir.Reshape: _exact, ir.Transpose: _exact, ir.Concat: _exact, ir.ReLU: _exact,
-    ir.MaxPool2d: _exact, ir.Take: _exact, ir.ConvTranspose2d: _conv_transpose, ir.Resample: _resample,
+    ir.MaxPool2d: _exact, ir.Sign: _exact, ir.Take: _exact, ir.ConvTranspose2d: _conv_transpose, ir.Resample: _resample,
 }
 
 
@@ -245,6 +245,10 @@ def propagate_errors(graph: ir.Graph, boxes: Callable[[str], Box], unit: float, 
             if op.is_affine:
                 zs = [e if e is not None else torch.zeros_like(boxes(i).lo) for e, i in zip(ins, node.inputs)]
                 carried = op.abs_linear(*zs)
+            elif isinstance(op, ir.Sign):  # an input error near 0 can flip the sign: up to 2
+                box = boxes(node.inputs[0])
+                near = (box.lo <= ins[0]) & (box.hi >= -ins[0])
+                carried = torch.where(near & (ins[0] > 0), torch.full_like(ins[0], 2.0), torch.zeros_like(ins[0]))
             elif isinstance(op, ir.Exp):  # no global Lipschitz constant: e^(hi + err) on the input's box
                 carried = torch.exp(boxes(node.inputs[0]).hi + ins[0]) * ins[0]
             elif op.is_activation:
