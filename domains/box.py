@@ -30,11 +30,43 @@ def _monotone_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
     return Box(op.forward(b.lo, ctx=ctx), op.forward(b.hi, ctx=ctx))
 
 
+def _exclusive_sums(e: torch.Tensor, axis: int) -> torch.Tensor:
+    """sum over j != i of e_j along `axis`, by prefix and suffix sums (no cancellation)."""
+    zero = torch.zeros_like(e.narrow(axis, 0, 1))
+    n = e.shape[axis]
+    pre = torch.cat([zero, torch.cumsum(e, axis).narrow(axis, 0, n - 1)], axis)
+    suf = torch.flip(torch.cat([zero, torch.cumsum(torch.flip(e, [axis]), axis).narrow(axis, 0, n - 1)], axis), [axis])
+    return pre + suf
+
+
+def _softmax_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
+    """softmax_i is increasing in x_i and decreasing in every other x_j: its bounds are
+    e^l_i / (e^l_i + sum_(j!=i) e^u_j) and e^u_i / (e^u_i + sum_(j!=i) e^l_j), computed in float64
+    (shifted by max u), widened by 1e-12 relative and rounded outward to the box's dtype."""
+    (b,) = boxes
+    ax = op.axis
+    lo, hi = b.lo.double(), b.hi.double()
+    shift = hi.amax(ax, keepdim=True)
+    el, eu = torch.exp(lo - shift), torch.exp(hi - shift)
+    den_lo = el + _exclusive_sums(eu, ax)
+    den_hi = eu + _exclusive_sums(el, ax)
+    low = torch.where(den_lo > 0, el / torch.where(den_lo > 0, den_lo, torch.ones_like(den_lo)), torch.zeros_like(el))
+    up = torch.where(den_hi > 0, eu / torch.where(den_hi > 0, den_hi, torch.ones_like(den_hi)), torch.ones_like(eu))
+    rel = max(1e-12, (lo.shape[ax] + 4) * 2.0 ** -50)  # the float64 sums' rounding, with room
+    low = (low * (1 - rel)).clamp(0.0, 1.0)
+    up = torch.where(up > 0, up * (1 + rel), torch.full_like(up, 2.0 ** -1000)).clamp(0.0, 1.0)  # never 0
+    lo32, hi32 = low.to(b.lo.dtype), up.to(b.hi.dtype)
+    lo32 = torch.where(lo32.double() > low, torch.nextafter(lo32, torch.full_like(lo32, -1.0)), lo32)
+    hi32 = torch.where(hi32.double() < up, torch.nextafter(hi32, torch.full_like(hi32, 2.0)), hi32)
+    return Box(lo32, hi32)
+
+
 # the rule table: every IR op type must appear here (a test checks it)
 BOX_RULES: dict[type, Callable] = {
     **{t: _affine_rule for t in ir.ALL_OP_TYPES if t.is_affine},
     **{t: _monotone_rule for t in ir.ALL_OP_TYPES if t.is_activation},
     ir.MaxPool2d: _monotone_rule,
+    ir.Softmax: _softmax_rule,
 }
 
 

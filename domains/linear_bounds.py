@@ -321,6 +321,11 @@ class LinearBoundEngine:
                                                      splits.get(node.name))
             elif isinstance(node.op, ir.MaxPool2d):
                 grads, c = self._maxpool_backward(node, lam_n)
+            elif isinstance(node.op, ir.Softmax):  # bounded by its interval: constants, nothing flows below
+                box = self.store[node.name]
+                c = _flat_dot(lam_n.clamp(min=0), box.lo) + _flat_dot(lam_n.clamp(max=0), box.hi)
+                grads = (torch.zeros(lam_n.shape[:2] + tuple(self.graph.shapes[node.inputs[0]]),
+                                     device=lam_n.device, dtype=lam_n.dtype),)
             else:
                 raise VerikitError(f"back-substitution has no rule for {node.op.op_type} (node {node.name})")
             if c is not None:

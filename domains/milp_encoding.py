@@ -14,7 +14,7 @@ Only non-linear ops add variables:
   p + n <= 1, y = p - n, with z >= l (1 - p), z <= u (1 - n) and l (p + n) <= z <= u (p + n)
   (p = n = 0 forces z = 0). Exact up to the solver's tolerance, which only adds points (a
   counterexample is re-checked concretely before it is reported).
-Sigmoid/Tanh/Exp are not piecewise linear and are rejected.
+Sigmoid/Tanh/Exp/Softmax are not piecewise linear and are rejected.
 """
 from __future__ import annotations
 
@@ -127,7 +127,7 @@ class Encoding:
     num_binaries: int
 
 
-UNSUPPORTED = (ir.Sigmoid, ir.Tanh, ir.Exp)
+UNSUPPORTED = (ir.Sigmoid, ir.Tanh, ir.Exp, ir.Softmax)
 
 # a tightener gets (model, expression of a layer's pre-activations, current lo, hi) and returns
 # tighter (lo, hi) arrays; used by the optional LP/MILP bound tightening

@@ -133,6 +133,7 @@ def graphs():
         "tanh-mlp": (dense_net(ir.Tanh), (6,)),
         "exp-mlp": (dense_net(ir.Exp), (6,)),
         "sign-mlp": (dense_net(ir.Sign), (6,)),
+        "softmax-mlp": (dense_net(lambda: ir.Softmax(1)), (6,)),
         "conv-mix": (conv_mix(), (2, 6, 6)),
         "dag": dag_net(),
         "take": take_net(),

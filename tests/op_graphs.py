@@ -112,6 +112,7 @@ OP_GRAPHS = {
     "tanh": _dense_graph(lambda g: ir.Tanh()),
     "exp": _dense_graph(lambda g: ir.Exp()),
     "sign": _dense_graph(lambda g: ir.Sign()),
+    "softmax": _dense_graph(lambda g: ir.Softmax(1)),
     "maxpool": _conv_graph(lambda g: ir.MaxPool2d((2, 2), (2, 2))),
     "maxpool-overlap-pad": _conv_graph(lambda g: ir.MaxPool2d((3, 3), (2, 2), (1, 1))),
     "mlp": _mlp,

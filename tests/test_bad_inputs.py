@@ -35,7 +35,7 @@ def _softmax_model(path):
     import onnx
     from onnx import TensorProto, helper
 
-    g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="sm")], "g",
+    g = helper.make_graph([helper.make_node("LogSoftmax", ["x"], ["y"], name="sm")], "g",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
@@ -148,7 +148,7 @@ CERTIFY = [
     ("model-missing", "certify {indir}/missing.onnx --eps 0.1 -o {out}", "missing.onnx"),
     ("model-junk", "certify {junk} --eps 0.1 -o {out}", "junk.onnx"),
     ("model-dir", "certify {indir} --eps 0.1 -o {out}", "inputs"),
-    ("model-unsupported", "certify {softmax} --eps 0.1 -o {out}", "Softmax"),
+    ("model-unsupported", "certify {softmax} --eps 0.1 -o {out}", "LogSoftmax"),
     ("result-file-no-vnnlib", "certify {model} --eps 0.1 --result-file {out}", "--result-file"),
     ("sat-unsat-no-vnnlib", "certify {model} --eps 0.1 --sat-unsat -o {out}", "--sat-unsat"),
     ("unknown-flag", "certify {model} --eps 0.1 --frobnicate -o {out}", "--frobnicate"),

@@ -47,7 +47,7 @@ def _bad_model(tmp_path, kind):
         import onnx
         from onnx import TensorProto, helper
 
-        g = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], name="sm"), ], "g",
+        g = helper.make_graph([helper.make_node("LogSoftmax", ["x"], ["y"], name="sm"), ], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])

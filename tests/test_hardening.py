@@ -86,7 +86,7 @@ def test_vnncomp_unsupported_model_is_an_error_row_and_the_run_goes_on(tmp_path)
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Erf", ["h"], ["e"], name="ex"),
-             helper.make_node("Softmax", ["e"], ["y"], name="sm")]
+             helper.make_node("LogSoftmax", ["e"], ["y"], name="sm")]
     w = helper.make_tensor("w", TensorProto.FLOAT, [5, 5], np.eye(5, dtype=np.float32).ravel().tolist())
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 5])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], [w])

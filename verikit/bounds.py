@@ -85,7 +85,8 @@ class Box:
         k = n // 4
         if k:
             u[:k] = (u[:k] > 0.5).to(u.dtype)
-        return self.lo + u * (self.hi - self.lo)
+        # clamped: lo + 1 * (hi - lo) can round past hi (or below lo), outside the box
+        return torch.minimum(torch.maximum(self.lo + u * (self.hi - self.lo), self.lo), self.hi)
 
     def to(self, device=None, dtype=None) -> "Box":
         return Box(self.lo.to(device=device, dtype=dtype), self.hi.to(device=device, dtype=dtype))

@@ -351,11 +351,11 @@ class MaxPool2d(Op):
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
-from .ir_ops import ConvTranspose2d, Exp, Resample, Sign, Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
+from .ir_ops import ConvTranspose2d, Exp, Resample, Sign, Softmax, Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
 
 ALL_OP_TYPES: tuple[type[Op], ...] = (
     Linear, Conv2d, ElementwiseAffine, BatchNorm, AvgPool2d, GlobalAvgPool, Pad, Reshape,
-    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, Exp, Sign, MaxPool2d, Take, ConvTranspose2d, Resample,
+    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, Exp, Sign, Softmax, MaxPool2d, Take, ConvTranspose2d, Resample,
 )
 
 

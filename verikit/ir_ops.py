@@ -130,3 +130,20 @@ class Sign(Op):
 
     def forward(self, x, ctx=None):
         return torch.sign(x)
+
+
+@dataclass(eq=False)
+class Softmax(Op):
+    """exp(x_i) / sum_j exp(x_j) along `axis` (batched coordinates, >= 1; ONNX Softmax-13).
+    Neither affine nor element-wise: Box has an exact interval rule, the back-substitution
+    engine bounds it by the constants of that interval (no coefficient flows to its input), and
+    the MILP rejects it."""
+
+    axis: int
+    op_type: ClassVar[str] = "Softmax"
+
+    def forward(self, x, ctx=None):
+        return torch.softmax(x, dim=self.axis)
+
+    def describe(self) -> str:
+        return f"Softmax(axis={self.axis})"

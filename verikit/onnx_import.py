@@ -420,3 +420,14 @@ class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
 
     def op_Sign(self, node, a):
         return self._unary(node, ir.Sign())
+
+    def op_Softmax(self, node, a):
+        v = self.vars[node.input[0]]
+        rank = len(self.onnx_shape(v))
+        axis = int(a.get("axis", -1 if self.model_opset() >= 13 else 1))
+        # before opset 13 Softmax flattened the input to 2-D at `axis`: the same as the per-axis
+        # softmax only when that axis is the last one
+        if self.model_opset() < 13 and axis % rank != rank - 1:
+            raise Unsupported(f"Softmax-{self.model_opset()} over axis {axis} of a rank-{rank} tensor (flattening "
+                              "semantics) is not supported")
+        return Var(self.builder.add(node.name or "softmax", ir.Softmax(self.ir_axis(v, axis)), [v.node]), v.batched)

@@ -38,6 +38,7 @@ DATA_OPS: dict[str, set] = {
     "Tanh": set(),
     "Exp": set(),
     "Sign": set(),
+    "Softmax": {"axis"},
     "Shape": {"start", "end"},
     "Slice": {"starts", "ends", "axes"},
     "Gather": {"axis"},
