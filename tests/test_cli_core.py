@@ -63,7 +63,7 @@ def test_bad_models_give_exit_code_2_and_one_line(tmp_path, kind):
     err = r.output.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
     if kind == "unsupported":
-        assert "sm (Softmax" in err[0]
+        assert "sm (LogSoftmax" in err[0]
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
