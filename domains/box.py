@@ -61,12 +61,20 @@ def _softmax_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
     return Box(lo32, hi32)
 
 
+def _product_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
+    """x * y is bilinear: its extremes over a box are at corners, so the interval is exact."""
+    a, b = boxes
+    corners = torch.stack(torch.broadcast_tensors(a.lo * b.lo, a.lo * b.hi, a.hi * b.lo, a.hi * b.hi))
+    return Box(corners.amin(0), corners.amax(0))
+
+
 # the rule table: every IR op type must appear here (a test checks it)
 BOX_RULES: dict[type, Callable] = {
     **{t: _affine_rule for t in ir.ALL_OP_TYPES if t.is_affine},
     **{t: _monotone_rule for t in ir.ALL_OP_TYPES if t.is_activation},
     ir.MaxPool2d: _monotone_rule,
     ir.Softmax: _softmax_rule,
+    ir.Mul: _product_rule,
 }
 
 

@@ -99,6 +99,13 @@ def _accumulate(a, b, shape: tuple):
     return a + b
 
 
+def _centre_and_cover(box: Box) -> tuple[Tensor, Tensor]:
+    """A centre c and a radius r with |x - c| <= r for every x of the box, despite rounding."""
+    c = box.center
+    r = torch.maximum(box.hi - c, c - box.lo)
+    return c, torch.nextafter(r, torch.full_like(r, math.inf))
+
+
 class LinearBoundEngine:
     """Back-substitution over one graph, input box and bound store (the store must already
     hold bounds for every node, e.g. from `propagate_box`)."""
@@ -218,6 +225,19 @@ class LinearBoundEngine:
             grad = grad + split_term
         return (grad,), const
 
+    def _product_backward(self, node: ir.Node, lam: Tensor):
+        """x y = cy x + cx y - cx cy + (x - cx)(y - cy), and |(x - cx)(y - cy)| <= rx ry on the
+        inputs' boxes: the same plane bounds from below and above (the mean of McCormick's two
+        planes on each side), only the constant -+ rx ry differs."""
+        (cx, rx), (cy, ry) = (_centre_and_cover(self.store[i]) for i in node.inputs)
+        shapes = [lam.shape[:2] + tuple(self.graph.shapes[i]) for i in node.inputs]
+        gx = (lam * cy.unsqueeze(1)).sum_to_size(shapes[0])
+        gy = (lam * cx.unsqueeze(1)).sum_to_size(shapes[1])
+        out = (lam.shape[0],) + tuple(self.graph.shapes[node.name])
+        base = (-cx * cy).expand(out)
+        slack = (rx * ry * (1 + 2.0 ** -20)).expand(out)  # the product's rounding, with room
+        return (gx, gy), _flat_dot(lam, base) - _flat_dot(lam.abs(), slack)
+
     def _has_lower_bias(self, node: ir.Node) -> bool:
         rel = self.relaxation(node)
         if self._lower_bias.get(node.name, (None,))[0] is not rel:  # callers may replace relaxations
@@ -321,6 +341,8 @@ class LinearBoundEngine:
                                                      splits.get(node.name))
             elif isinstance(node.op, ir.MaxPool2d):
                 grads, c = self._maxpool_backward(node, lam_n)
+            elif isinstance(node.op, ir.Mul):
+                grads, c = self._product_backward(node, lam_n)
             elif isinstance(node.op, ir.Softmax):  # bounded by its interval: constants, nothing flows below
                 box = self.store[node.name]
                 c = _flat_dot(lam_n.clamp(min=0), box.lo) + _flat_dot(lam_n.clamp(max=0), box.hi)
@@ -445,9 +467,9 @@ class LinearBoundEngine:
         needed = []
         for node in self.graph.nodes:
             if not node.op.is_affine:
-                src = node.inputs[0]
-                if src != self.graph.input_name and src not in needed:
-                    needed.append(src)
+                for src in node.inputs:  # a product needs both factors' bounds
+                    if src != self.graph.input_name and src not in needed:
+                        needed.append(src)
         return sorted(needed, key=self.position.__getitem__)
 
     def box_is_exact(self, name: str) -> bool:

@@ -14,7 +14,8 @@ Only non-linear ops add variables:
   p + n <= 1, y = p - n, with z >= l (1 - p), z <= u (1 - n) and l (p + n) <= z <= u (p + n)
   (p = n = 0 forces z = 0). Exact up to the solver's tolerance, which only adds points (a
   counterexample is re-checked concretely before it is reported).
-Sigmoid/Tanh/Exp/Softmax are not piecewise linear and are rejected.
+Sigmoid/Tanh/Exp/Softmax are not piecewise linear, and a product of two data tensors (Mul) is
+bilinear: all are rejected.
 """
 from __future__ import annotations
 
@@ -127,7 +128,7 @@ class Encoding:
     num_binaries: int
 
 
-UNSUPPORTED = (ir.Sigmoid, ir.Tanh, ir.Exp, ir.Softmax)
+UNSUPPORTED = (ir.Sigmoid, ir.Tanh, ir.Exp, ir.Softmax, ir.Mul)
 
 # a tightener gets (model, expression of a layer's pre-activations, current lo, hi) and returns
 # tighter (lo, hi) arrays; used by the optional LP/MILP bound tightening
@@ -135,7 +136,8 @@ Tightener = Callable[[MilpModel, Expr, np.ndarray, np.ndarray, str], tuple]
 
 
 def check_supported(graph: ir.Graph) -> None:
-    bad = [(n.name, n.op.op_type, "milp does not support " + n.op.op_type + " (not piecewise linear)")
+    why = lambda op: "a product of two data tensors is bilinear" if isinstance(op, ir.Mul) else "not piecewise linear"
+    bad = [(n.name, n.op.op_type, "milp does not support " + n.op.op_type + f" ({why(n.op)})")
            for n in graph.nodes if isinstance(n.op, UNSUPPORTED)]
     if bad:
         raise UnsupportedOpsError(bad)

@@ -123,6 +123,24 @@ def upsample_net(seed=0):
     return b.build(h), (2, 3, 3)
 
 
+def product_net(seed=0):
+    """Bilinear Mul: an attention-like product of two ReLU branches (a size-1 dimension
+    broadcast) and a square of one tensor (two correlated factors), then ReLU and Linear."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (6,), DT)
+    a = b.add("fa", _lin(gen, 6, 6), ["x"])
+    a = b.add("ra", ir.ReLU(), [a])
+    q = b.add("q", ir.Reshape((2, 3)), [a])
+    k = b.add("fk", _lin(gen, 3, 6), ["x"])
+    k = b.add("k", ir.Reshape((1, 3)), [k])
+    p = b.add("qk", ir.Mul(), [q, k])  # (2, 3) * (1, 3)
+    p = b.add("pflat", ir.Reshape((6,)), [p])
+    sq = b.add("sq", ir.Mul(), [p, p])
+    h = b.add("relu", ir.ReLU(), [b.add("mix", ir.Add(), [b.add("fc", _lin(gen, 6, 6), [p]), sq])])
+    h = b.add("out", _lin(gen, 3, 6), [h])
+    return b.build(h), (6,)
+
+
 def graphs():
     """label -> (graph, per-sample input shape)."""
     out = {
@@ -138,6 +156,7 @@ def graphs():
         "dag": dag_net(),
         "take": take_net(),
         "upsample": upsample_net(),
+        "product": product_net(),
     }
     return out
 

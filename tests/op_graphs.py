@@ -68,6 +68,20 @@ def _concat(seed=0, batch=2, width=0.5):
     return b.build(out), _box(gen, (4,), batch, width)
 
 
+def _product(square: bool):
+    """Bilinear Mul of two affine images of the input, a size-1 dimension broadcast (or of one
+    tensor with itself: correlated factors)."""
+    def make(seed=0, batch=2, width=0.5):
+        gen = torch.Generator().manual_seed(seed)
+        b = ir.GraphBuilder("x", (2, 4))
+        a = b.add("a", _lin(gen, 3, 4), ["x"])
+        if square:
+            return b.build(b.add("op", ir.Mul(), [a, a])), _box(gen, (2, 4), batch, width)
+        c = b.add("c", ir.Take(1, torch.tensor([1]), (1,)), [b.add("cl", _lin(gen, 3, 4), ["x"])])
+        return b.build(b.add("op", ir.Mul(), [a, c])), _box(gen, (2, 4), batch, width)
+    return make
+
+
 def _resize(n_in, n_out, mode):
     from verikit.onnx_upsample_ops import resize_matrix
 
@@ -116,6 +130,8 @@ OP_GRAPHS = {
     "maxpool": _conv_graph(lambda g: ir.MaxPool2d((2, 2), (2, 2))),
     "maxpool-overlap-pad": _conv_graph(lambda g: ir.MaxPool2d((3, 3), (2, 2), (1, 1))),
     "mlp": _mlp,
+    "mul-broadcast": _product(square=False),
+    "mul-square": _product(square=True),
     "take-slice-negative-step": _conv_graph(lambda g: ir.Take(3, torch.tensor([5, 3, 1]), (3,))),
     "take-gather-scalar-index": _conv_graph(lambda g: ir.Take(2, torch.tensor([4]), ())),
     "take-gather-2d-index": _dense_graph(lambda g: ir.Take(1, torch.tensor([0, 5, 5, 2]), (2, 2))),

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from test_onnx_import import N, _model, _w
+from vnnlib_files import robustness_vnnlib
 from verikit import ir
 from verikit.bounds import Box
 from verikit.domains import get_domain
@@ -58,12 +59,7 @@ def test_milp_refuses_exp_in_one_line_and_the_chain_skips_it(tmp_path):
     spec = Spec.robustness(torch.tensor([int(graph.forward(x).argmax())]), 3)
     with pytest.raises(UnsupportedOpsError, match="Exp"):
         get_domain("milp").bound(graph, Box.linf_ball(x, 0.1, None), spec)
-    vnnlib = tmp_path / "p.vnnlib"
-    label = int(graph.forward(x).argmax())
-    lines = [f"(declare-const X_{i} Real)" for i in range(4)] + [f"(declare-const Y_{j} Real)" for j in range(3)]
-    lines += [f"(assert (>= X_{i} -0.01))" for i in range(4)] + [f"(assert (<= X_{i} 0.01))" for i in range(4)]
-    lines.append("(assert (or " + " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(3) if j != label) + "))")
-    vnnlib.write_text("\n".join(lines) + "\n")
+    vnnlib = robustness_vnnlib(tmp_path / "p.vnnlib", 4, 3, int(graph.forward(x).argmax()), 0.01)
     done = subprocess.run([sys.executable, "-m", "verikit", "certify", path, "--vnnlib", str(vnnlib), "--domains",
                            "box,crown,milp", "--quiet"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -10,6 +10,7 @@ Ops come in three families, which is all a bound domain needs to know about most
   `forward(zeros)`; back-substitution domains use its vector-Jacobian product.
 - monotone element-wise activations (ReLU, LeakyReLU, Sigmoid, Tanh, Exp): non-decreasing per element.
 - MaxPool2d: non-decreasing in every input, but not element-wise.
+- Softmax and the bilinear Mul (ir_ops.py) have rules of their own in every domain.
 """
 from __future__ import annotations
 
@@ -351,11 +352,11 @@ class MaxPool2d(Op):
         return F.max_pool2d(x, self.kernel, self.stride, self.padding, self.dilation, self.ceil_mode)
 
 
-from .ir_ops import ConvTranspose2d, Exp, Resample, Sign, Softmax, Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
+from .ir_ops import ConvTranspose2d, Exp, Mul, Resample, Sign, Softmax, Take  # noqa: E402  (new op types live in ir_ops.py; it needs Op from here)
 
 ALL_OP_TYPES: tuple[type[Op], ...] = (
     Linear, Conv2d, ElementwiseAffine, BatchNorm, AvgPool2d, GlobalAvgPool, Pad, Reshape,
-    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, Exp, Sign, Softmax, MaxPool2d, Take, ConvTranspose2d, Resample,
+    Transpose, Concat, Add, ReLU, LeakyReLU, Sigmoid, Tanh, Exp, Sign, Softmax, MaxPool2d, Take, ConvTranspose2d, Resample, Mul,
 )
 
 

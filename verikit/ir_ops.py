@@ -8,6 +8,7 @@ The same holds for the upsampling ops `ConvTranspose2d` (ONNX ConvTranspose) and
 (ONNX Resize in nearest / linear mode: a constant matrix per resized axis).
 `Exp` (ONNX Exp) is a monotone element-wise activation, convex: its lines are in the shared
 relaxation table (domains/relaxations.py); the MILP rejects it.
+`Mul` is the product of two graph tensors (bilinear; ONNX Mul and MatMul of two data tensors).
 """
 from __future__ import annotations
 
@@ -147,3 +148,17 @@ class Softmax(Op):
 
     def describe(self) -> str:
         return f"Softmax(axis={self.axis})"
+
+
+@dataclass(eq=False)
+class Mul(Op):
+    """x * y of two graph tensors, per-sample dimensions of size 1 broadcast (ONNX Mul of two
+    data tensors; a MatMul of two data tensors imports as Reshape + Mul + a summing Linear).
+    Bilinear, neither affine nor monotone: Box takes the extreme corner products, the
+    back-substitution engine the plane through the centres (x y = cy x + cx y - cx cy
+    + (x - cx)(y - cy), the last term within +-rx ry), and the MILP rejects it."""
+
+    op_type: ClassVar[str] = "Mul"
+
+    def forward(self, x, y, ctx=None):
+        return x * y

@@ -28,6 +28,7 @@ import torch
 from . import ir
 from .errors import ModelLoadError, UnsupportedOpsError
 from .onnx_constants import UnsupportedConstantOp, fold_constant, node_attributes
+from .onnx_bilinear_ops import BilinearOps
 from .onnx_index_ops import IndexOps
 from .onnx_piecewise_ops import PiecewiseOps
 from .onnx_upsample_ops import UpsampleOps
@@ -84,7 +85,7 @@ def _inferred_shapes(model) -> dict:
     return out
 
 
-class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
+class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps, BilinearOps):
     def __init__(self, model, dtype, source):
         import onnx.numpy_helper as nh
 
@@ -241,6 +242,8 @@ class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
         return Var(out, v.batched)
 
     def op_MatMul(self, node, a):
+        if node.input[0] in self.vars and node.input[1] in self.vars:
+            return self.data_matmul(node, self.vars[node.input[0]], self.vars[node.input[1]])
         v, W, swapped = self.var_and_const(node)
         W = np.asarray(W)
         s = self.onnx_shape(v)
@@ -319,6 +322,8 @@ class _Importer(ShapeOps, IndexOps, UpsampleOps, PiecewiseOps):
         return self._elementwise(node, v, shift=-c)
 
     def op_Mul(self, node, a):
+        if node.input[0] in self.vars and node.input[1] in self.vars:
+            return self.data_product(node, self.vars[node.input[0]], self.vars[node.input[1]])
         v, c, _ = self.var_and_const(node)
         return self._elementwise(node, v, scale=self._const_on_ir(v, c))
 

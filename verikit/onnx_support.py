@@ -137,8 +137,8 @@ def static_problem(node, is_data: Callable[[str], bool]) -> Optional[str]:
     for pos, what in _CONSTANT_INPUTS.get(op, {}).items():
         if pos < len(inputs) and data[pos]:
             return f"{what} (input {pos}) must be a constant, not data"
-    if op in ("Mul", "Div", "MatMul") and len(data) >= 2 and all(data[:2]):
-        return {"Mul": "product", "Div": "division", "MatMul": "product"}[op] + " of two data tensors is not linear"
+    if op == "Div" and len(data) >= 2 and all(data[:2]):
+        return "division of two data tensors is not supported"
     if op == "Div" and not data[0]:
         return "constant divided by data is not linear"
     if op == "Concat" and not all(data):

@@ -202,6 +202,11 @@ def _softmax(op, node, graph, mags, unit, executed):
     return (ACTIVATION_ULPS + n) * unit * torch.ones_like(x) + ACTIVATION_ABS * (unit / U32)
 
 
+def _product(op, node, graph, mags, unit, executed):
+    x, y = mags
+    return unit * (x * y) + _tiny(unit, 1)  # one rounded multiplication per element
+
+
 def _exact(*args, **kwargs):
     return None
 
@@ -209,7 +214,7 @@ def _exact(*args, **kwargs):
 LOCAL_ERROR_RULES: dict[type, Callable] = {
     ir.Linear: _linear, ir.Conv2d: _conv, ir.ElementwiseAffine: _elementwise, ir.BatchNorm: _batchnorm,
     ir.AvgPool2d: _pool_mean, ir.GlobalAvgPool: _pool_mean, ir.Add: _add, ir.LeakyReLU: _leaky,
-    ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped, ir.Exp: _exp, ir.Softmax: _softmax,
+    ir.Sigmoid: _s_shaped, ir.Tanh: _s_shaped, ir.Exp: _exp, ir.Softmax: _softmax, ir.Mul: _product,
     ir.Pad: _exact, ir.Reshape: _exact, ir.Transpose: _exact, ir.Concat: _exact, ir.ReLU: _exact,
     ir.MaxPool2d: _exact, ir.Sign: _exact, ir.Take: _exact, ir.ConvTranspose2d: _conv_transpose, ir.Resample: _resample,
 }
@@ -260,6 +265,10 @@ def propagate_errors(graph: ir.Graph, boxes: Callable[[str], Box], unit: float, 
                 carried = torch.exp(boxes(node.inputs[0]).hi + ins[0]) * ins[0]
             elif op.is_activation:
                 carried = _lipschitz(op) * ins[0]
+            elif isinstance(op, ir.Mul):  # (x + ex)(y + ey) - x y = y ex + x ey + ex ey
+                (mx, my), (ex, ey) = ([magnitude(boxes(i)) for i in node.inputs],
+                                      [e if e is not None else torch.zeros_like(boxes(i).lo) for e, i in zip(ins, node.inputs)])
+                carried = my * ex + mx * ey + ex * ey
             elif isinstance(op, ir.Softmax):  # sum_j |d s_i / d x_j| = 2 s_i (1 - s_i) <= 1/2
                 carried = 0.5 * ins[0].amax(op.axis, keepdim=True).expand_as(ins[0])
             else:  # max-pooling moves each output by at most the largest error in its window
