@@ -56,7 +56,9 @@ def conv_form(op: ir.Op) -> Optional[ConvForm]:
     """The op as a convolution, or None when it is not one."""
     if isinstance(op, ir.Conv2d):
         return ConvForm(op.weight, op.bias, tuple(op.stride), tuple(op.padding), tuple(op.dilation), op.groups)
-    if isinstance(op, ir.AvgPool2d) and tuple(op.kernel) == tuple(op.stride) and tuple(op.padding) == (0, 0):
+    # ceil_mode can add a last, partial window that averages fewer entries: the generic rule
+    if (isinstance(op, ir.AvgPool2d) and tuple(op.kernel) == tuple(op.stride) and tuple(op.padding) == (0, 0)
+            and not op.ceil_mode):
         return ConvForm(None, None, tuple(op.stride), (0, 0), (1, 1), 0)  # weight None: the pooling
     return None
 

@@ -114,6 +114,8 @@ OP_GRAPHS = {
     "elementwise-affine": _dense_graph(lambda g: ir.ElementwiseAffine(torch.randn(6, generator=g), torch.randn(6, generator=g))),
     "batchnorm": _conv_graph(_batchnorm),
     "avgpool": _conv_graph(lambda g: ir.AvgPool2d((2, 2), (2, 2), (1, 1), False, False)),
+    # ceil mode: the last window is partial and averages fewer entries
+    "avgpool-ceil": _conv_graph(lambda g: ir.AvgPool2d((2, 2), (2, 2), (0, 0), True, False), hw=5),
     "global-avgpool": _conv_graph(lambda g: ir.GlobalAvgPool()),
     "pad": _conv_graph(lambda g: ir.Pad((1, 0, 2, 1), 0.7)),
     "reshape": _conv_graph(lambda g: ir.Reshape((6, 12))),
