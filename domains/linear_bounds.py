@@ -41,6 +41,7 @@ from .conv_windows import conv_form, dense_backward, window_backward
 from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, tighten
 from .relaxations import LinearRelaxation, MaxPoolRelaxation, maxpool_relaxation, relaxation_for
 from .relu_chain import ReluChains
+from .softmax_lines import softmax_backward
 
 # activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
 _PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
@@ -343,11 +344,8 @@ class LinearBoundEngine:
                 grads, c = self._maxpool_backward(node, lam_n)
             elif isinstance(node.op, ir.Mul):
                 grads, c = self._product_backward(node, lam_n)
-            elif isinstance(node.op, ir.Softmax):  # bounded by its interval: constants, nothing flows below
-                box = self.store[node.name]
-                c = _flat_dot(lam_n.clamp(min=0), box.lo) + _flat_dot(lam_n.clamp(max=0), box.hi)
-                grads = (torch.zeros(lam_n.shape[:2] + tuple(self.graph.shapes[node.inputs[0]]),
-                                     device=lam_n.device, dtype=lam_n.dtype),)
+            elif isinstance(node.op, ir.Softmax):  # exp / sum decomposed, lines per piece
+                grads, c = softmax_backward(self, node, lam_n)
             else:
                 raise VerikitError(f"back-substitution has no rule for {node.op.op_type} (node {node.name})")
             if c is not None:

@@ -220,10 +220,32 @@ def tanh_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[i
 EXP_MAX_INPUT = 80.0
 
 
+def _convex_monotone_relaxation(f, df, l: Tensor, u: Tensor, dtype) -> LinearRelaxation:
+    """Lines for a convex, monotone f on [l, u] (float64 bounds): the chord above, the tangent
+    at the midpoint below; slopes rounded with the outward intercept shift of `_round_line`,
+    intercepts checked at the touching points (`_fit`); constants on (near-)point intervals."""
+    point = (u - l) <= _TINY_WIDTH
+    u_safe = torch.where(point, l + 1.0, u)
+    fl, fu = f(l), f(u_safe)
+    chord = (fu - fl) / (u_safe - l)
+    mid = (l + u_safe) / 2
+    lo_s, lo_b = _tangent_line(f, df, mid, l, u_safe, above=False)
+    lo_s, lo_b = _round_line(lo_s, lo_b, l, u_safe, dtype, above=False)
+    up_s, up_b = _round_line(chord, fl - chord * l, l, u_safe, dtype, above=True)
+    probes = [l, u_safe, mid]
+    lo_b = _fit(lo_s, lo_b, probes, f, above=False)
+    up_b = _fit(up_s, up_b, probes, f, above=True)
+    zero = torch.zeros_like(l, dtype=dtype)
+    f_l, f_u = f(l), f(u)
+    lo_c = _fit(zero, torch.minimum(f_l, f_u), [l, u], f, above=False)
+    up_c = _fit(zero, torch.maximum(f_l, f_u), [l, u], f, above=True)
+    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, lo_c, lo_b),
+                            torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
+
+
 def exp_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir.Op] = None) -> LinearRelaxation:
     """exp is convex: the chord is an upper line, any tangent a lower line (CROWN and DeepPoly
-    alike: the tangent at the midpoint). Computed in float64, slopes rounded with the outward
-    intercept shift of `_round_line`, intercepts checked at the touching points (`_fit`)."""
+    alike: the tangent at the midpoint; `_convex_monotone_relaxation`)."""
     if variant not in VARIANTS:
         raise VerikitError(f"unknown relaxation variant {variant!r}; known: {', '.join(VARIANTS)}")
     if not (torch.isfinite(l).all() and torch.isfinite(u).all()):
@@ -231,23 +253,16 @@ def exp_relaxation(l: Tensor, u: Tensor, variant: str = "crown", op: Optional[ir
     if bool((u > EXP_MAX_INPUT).any()):
         raise VerikitError(f"Exp: an input's upper bound is {float(u.max()):.4g} > {EXP_MAX_INPUT:g}; exp would overflow "
                            "float32 there (bound the inputs tighter)")
-    dtype = l.dtype
-    l, u = l.double(), u.double()
-    point = (u - l) <= _TINY_WIDTH
-    u_safe = torch.where(point, l + 1.0, u)
-    fl, fu = torch.exp(l), torch.exp(u_safe)
-    chord = (fu - fl) / (u_safe - l)
-    mid = (l + u_safe) / 2
-    lo_s, lo_b = _tangent_line(torch.exp, torch.exp, mid, l, u_safe, above=False)
-    lo_s, lo_b = _round_line(lo_s, lo_b, l, u_safe, dtype, above=False)
-    up_s, up_b = _round_line(chord, fl - chord * l, l, u_safe, dtype, above=True)
-    probes = [l, u_safe, mid]
-    lo_b = _fit(lo_s, lo_b, probes, torch.exp, above=False)
-    up_b = _fit(up_s, up_b, probes, torch.exp, above=True)
-    zero = torch.zeros_like(l, dtype=dtype)
-    lo_c, up_c = _fit(zero, fl, [l], torch.exp, above=False), _fit(zero, torch.exp(u), [u], torch.exp, above=True)
-    return LinearRelaxation(torch.where(point, zero, lo_s), torch.where(point, lo_c, lo_b),
-                            torch.where(point, zero, up_s), torch.where(point, up_c, up_b))
+    return _convex_monotone_relaxation(torch.exp, torch.exp, l.double(), u.double(), l.dtype)
+
+
+def reciprocal_relaxation(l: Tensor, u: Tensor) -> LinearRelaxation:
+    """1/s on [l, u] with l > 0 (convex, decreasing): chord above, midpoint tangent below.
+    Used inside the softmax rule (softmax_i = 1 / sum_j exp(x_j - x_i), `softmax_lines.py`)."""
+    if not bool((l > 0).all()) or not torch.isfinite(u).all():
+        raise VerikitError("reciprocal: the lines need 0 < l <= u < inf")
+    return _convex_monotone_relaxation(torch.reciprocal, lambda s: -torch.reciprocal(s * s), l.double(), u.double(),
+                                       l.dtype)
 
 
 # ---------------------------------------------------------------- Sign (piecewise constant)

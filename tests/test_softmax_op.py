@@ -1,8 +1,10 @@
 """ONNX Softmax: imported as the IR's Softmax along the ONNX axis, matching onnxruntime; its
 Box rule is the exact interval (each output increasing in its own input, decreasing in the
 others), sound by sampling (with far-apart and saturated inputs too) and exact at eps = 0; the
-back-substitution domains bound it by those constants (also through tests/op_graphs.py and
-backsub_graphs.py); the MILP refuses it in one line."""
+back-substitution engine bounds it through softmax_i = 1 / (1 + sum_(j != i) exp(x_j - x_i))
+with lines per piece (domains/softmax_lines.py): sound by sampling on any axis and any width,
+tighter than the interval constants on small boxes, the constants where the differences are
+large; the reciprocal's lines hold in float32; the MILP refuses it in one line."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -12,6 +14,9 @@ from verikit import ir
 from verikit.bounds import Box
 from verikit.domains import get_domain
 from verikit.domains.box import propagate_box
+from verikit.domains.linear_bounds import prepare
+from verikit.domains.relaxations import reciprocal_relaxation
+import verikit.domains.softmax_lines as softmax_lines
 from verikit.errors import UnsupportedOpsError
 from verikit.onnx_check import compare_with_onnxruntime
 from verikit.onnx_import import from_onnx
@@ -71,3 +76,68 @@ def test_domains_are_sound_on_softmax_and_milp_refuses_it(domain, tmp_path):
         assert (spec.expand(len(pts)).values(graph.forward(pts)) >= lower - 1e-6).all()
     with pytest.raises(UnsupportedOpsError, match="Softmax"):
         get_domain("milp").bound(graph, box, spec)
+
+
+def _softmax_graph(shape, axis, seed):
+    """x -> Conv-free affine mix (ElementwiseAffine + a permutation) -> Softmax(axis)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", shape)
+    h = b.add("mix", ir.ElementwiseAffine(torch.randn(shape, generator=gen) * 2, torch.randn(shape, generator=gen)), ["x"])
+    return b.build(b.add("sm", ir.Softmax(axis), [h]))
+
+
+def _engine_bounds(graph, box):
+    engine = prepare(graph, box, None, None, "crown", 4096)
+    n = box.lo[0].numel()
+    eye = torch.eye(n).reshape((1, n) + tuple(graph.output_shape))
+    lam = torch.cat([eye, -eye], 1).expand((box.lo.shape[0], 2 * n) + tuple(graph.output_shape))
+    lb = engine.lower_bound("sm", lam)
+    return lb[:, :n], -lb[:, n:]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.floats(0.001, 8.0), st.sampled_from([((5,), 1), ((3, 4), 1), ((3, 4), 2)]))
+def test_engine_lines_through_softmax_hold_on_sampled_points(seed, width, case):
+    shape, axis = case
+    graph = _softmax_graph(shape, axis, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    c = torch.rand((2,) + shape, generator=gen) * 2 - 1
+    r = torch.rand((2,) + shape, generator=gen) * width
+    box = Box(c - r, c + r)
+    lo, hi = _engine_bounds(graph, box)
+    pts = box.sample(3000, gen).reshape((-1,) + shape)
+    with torch.no_grad():
+        y = graph.forward(pts).reshape(3000, 2, -1).double()
+    assert (y >= lo.double() - 1e-6).all() and (y <= hi.double() + 1e-6).all()
+
+
+def test_engine_lines_beat_the_interval_constants_on_small_boxes(monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    b = ir.GraphBuilder("x", (6,))
+    h = b.add("fc", ir.Linear(torch.randn(6, 6, generator=gen), torch.randn(6, generator=gen)), ["x"])
+    h = b.add("sm", ir.Softmax(1), [h])
+    graph = b.build(b.add("out", ir.Linear(torch.randn(3, 6, generator=gen)), [h]))
+    x = torch.rand(16, 6, generator=gen) * 2 - 1
+    spec = Spec.robustness(graph.forward(x).argmax(1), 3)
+    box = Box.linf_ball(x, 0.02, None)
+    lines = get_domain("crown").bound(graph, box, spec).lower
+    monkeypatch.setattr(softmax_lines, "MAX_DIFFERENCE", -1.0)  # every output on its constants
+    consts = get_domain("crown").bound(graph, box, spec).lower
+    interval = get_domain("box").bound(graph, box, spec).lower
+    torch.testing.assert_close(consts, interval)  # the constants are the Box rule's
+    assert (lines >= consts - 1e-6).all() and (lines > consts + 1e-3).float().mean() > 0.5
+
+
+def test_reciprocal_lines_hold_in_float32():
+    gen = torch.Generator().manual_seed(0)
+    l = 1 + torch.rand(5000, generator=gen) ** 3 * 1e4
+    u = l * (1 + torch.rand(5000, generator=gen) ** 4 * 100)
+    u[:50] = l[:50]  # point intervals
+    rel = reciprocal_relaxation(l, u)
+    t = torch.linspace(0, 1, 101, dtype=torch.float64).reshape(-1, 1)
+    s = l.double() + t * (u.double() - l.double())
+    f = 1 / s
+    assert (rel.lower_slope.double() * s + rel.lower_bias.double() <= f).all()
+    assert (rel.upper_slope.double() * s + rel.upper_bias.double() >= f).all()
+    with pytest.raises(Exception, match="0 < l"):
+        reciprocal_relaxation(torch.tensor([0.0]), torch.tensor([1.0]))
