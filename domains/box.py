@@ -11,11 +11,12 @@ from typing import Callable, Optional, Union
 import torch
 
 from verikit import ir
-from verikit.bounds import Box, BoundStore
+from verikit.bounds import Box, BoundStore, _CenterRadiusBox as _CENTER_RADIUS
 from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
+from .box_fusion import LazyBox, fused_box, fusion_groups
 from .guard import interval_guard
 
 
@@ -28,6 +29,20 @@ def _affine_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
 def _monotone_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
     (b,) = boxes
     return Box(op.forward(b.lo, ctx=ctx), op.forward(b.hi, ctx=ctx))
+
+
+def _relu_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
+    """relu(c - r), relu(c + r). Without autograd the clamps run in place on fresh tensors, and
+    the lo/hi of a centre/radius input are not kept in it (two full-size tensors fewer)."""
+    (b,) = boxes
+    if torch.is_grad_enabled():
+        return _monotone_rule(op, boxes, ctx)
+    if "lo" in b.__dict__ or not isinstance(b, _CENTER_RADIUS):
+        lo, hi = b.lo.clamp(min=0), b.hi.clamp(min=0)
+    else:
+        lo = torch.sub(b.center, b.radius).clamp_(min=0)
+        hi = torch.add(b.center, b.radius).clamp_(min=0)
+    return Box(lo, hi)
 
 
 def _exclusive_sums(e: torch.Tensor, axis: int) -> torch.Tensor:
@@ -72,6 +87,7 @@ def _product_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
 BOX_RULES: dict[type, Callable] = {
     **{t: _affine_rule for t in ir.ALL_OP_TYPES if t.is_affine},
     **{t: _monotone_rule for t in ir.ALL_OP_TYPES if t.is_activation},
+    ir.ReLU: _relu_rule,
     ir.MaxPool2d: _monotone_rule,
     ir.Softmax: _softmax_rule,
     ir.Mul: _product_rule,
@@ -86,21 +102,38 @@ def _rule_for(op: ir.Op) -> Callable:
 
 
 def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = None, ctx=None,
-                  widen: Union[None, dict, Callable] = None, after: Optional[str] = None) -> BoundStore:
+                  widen: Union[None, dict, Callable] = None, after: Optional[str] = None,
+                  fuse: bool = True) -> BoundStore:
     """Interval bounds for every node of `graph`; intersected with (and written into) `store`.
 
     `widen` (the float-sound mode) enlarges each node's interval by a radius: a dict node ->
     radius, or a function (node, input boxes, output box) -> radius or None. `after`: only the
     nodes after this one (in graph order) are recomputed, from the store's bounds of the
-    others (the same result when only that node's bounds changed since the last pass)."""
+    others (the same result when only that node's bounds changed since the last pass).
+    `fuse=False` runs every node's own rule (the reference the fused groups are tested against)."""
     graph.check_input(inputs.lo)
+    fresh = store is None or len(store) == 0
     store = store if store is not None else BoundStore()
     boxes = {graph.input_name: store.update(graph.input_name, inputs) if after is None else store[graph.input_name]}
     nodes = graph.nodes
     if after is not None:
         start = next(i for i, n in enumerate(nodes) if n.name == after) + 1
         nodes = nodes[start:]
+    # fused affine groups (box_fusion.py): only on a full pass into an empty store, where no
+    # stored bound of an inner node would have tightened the result, and without autograd, so
+    # that training (IBP/SABR) keeps its arithmetic and reproduces bit for bit
+    use = fuse and fresh and widen is None and after is None and not torch.is_grad_enabled()
+    groups = fusion_groups(graph, ctx) if use else {}
+    inner = {n.name for g in groups.values() for n in g.nodes[:-1]}
     for node in nodes:
+        if node.name in inner:  # computed from its inputs only if something reads it
+            ins = [boxes[i] for i in node.inputs]
+            boxes[node.name] = store.update(node.name, LazyBox(lambda n=node, ins=ins: _rule_for(n.op)(n.op, ins, ctx)))
+            continue
+        if node.name in groups:
+            group = groups[node.name]
+            boxes[node.name] = store.update(node.name, fused_box(group, graph, boxes[group.nodes[0].inputs[0]], ctx))
+            continue
         ins = [boxes[i] if i in boxes else store[i] for i in node.inputs]
         out = _rule_for(node.op)(node.op, ins, ctx)
         r = None if widen is None else (widen.get(node.name) if isinstance(widen, dict) else widen(node, ins, out))

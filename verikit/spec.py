@@ -12,6 +12,8 @@ tighter than bounding y and combining afterwards).
 """
 from __future__ import annotations
 
+import weakref
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -304,6 +306,24 @@ def distinct_matrices(C: Tensor) -> Optional[tuple[Tensor, Tensor]]:
     B = C.shape[0]
     if B < 2:
         return None
+    key = (C.data_ptr(), C._version, C.shape, C.stride(), C.dtype, C.device)
+    ref, cached_key, result = _DISTINCT_CACHE.get(id(C), (None, None, None))
+    if ref is not None and ref() is C and cached_key == key:  # the same spec bounded again (a chain, bab)
+        return result
+    result = _distinct_matrices(C)
+    if len(_DISTINCT_CACHE) >= 8:
+        _DISTINCT_CACHE.clear()
+    _DISTINCT_CACHE[id(C)] = (weakref.ref(C), key, result)
+    return result
+
+
+# id(C) -> (a weak reference to C, its identity and version, the result): the matrices of a
+# spec are grouped once, not at every bound of it (tensors compare element-wise, so no WeakKeyDictionary)
+_DISTINCT_CACHE: dict = {}
+
+
+def _distinct_matrices(C: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    B = C.shape[0]
     flat = C.reshape(B, -1)
     keys, index = torch.unique(_row_fingerprints(flat), return_inverse=True)
     k = keys.shape[0]

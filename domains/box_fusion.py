@@ -1,0 +1,237 @@
+"""Fused affine groups for the Box pass: fewer full-size temporaries, the same intervals.
+
+Interval arithmetic maps an affine op to (f(c), |L| r), so a chain of affine ops costs one
+pass over the data per op for the centre and one for the radius. Two chains are common and
+worth fusing into the Linear/Conv they surround, because the element-wise ops between them
+cost as much as the matrix products on CPU (each allocates a full-size tensor):
+
+- input normalisation: ElementwiseAffine ops (x * s + t) and Reshapes before a Linear or Conv
+  go into its weights and bias: W diag(s) and W t + b (a bias map for a padded Conv);
+- BatchNorm (or a per-channel ElementwiseAffine) after a Linear or Conv: the per-channel
+  scale and shift go into the rows and bias of W.
+
+|W diag(s)| = |W| diag(|s|), so the fused group computes the same interval as the nodes one
+after the other, up to float rounding. The nodes inside a group still get boxes in the store,
+computed from their inputs only if something reads them (`LazyBox`), so later domains and the
+rounding guard see every node. The pass fuses only without autograd (certification, attacks'
+bounds), so training keeps its exact arithmetic; the fused weights are then cached between
+calls while the tensors they come from are unchanged (their version counters say so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from verikit import ir
+from verikit.bounds import Box
+
+
+@dataclass
+class Group:
+    """Nodes fused into one affine map: `pre` element-wise affines/reshapes, the `core`
+    Linear or Conv, and `post` per-channel affines (BatchNorm)."""
+
+    pre: list
+    core: ir.Node
+    post: list
+
+    @property
+    def nodes(self) -> list:
+        return self.pre + [self.core] + self.post
+
+
+def _core_ok(node: ir.Node, graph: ir.Graph) -> bool:
+    op = node.op
+    if type(op) is ir.Linear:  # not FoldedSpecLinear (per-sample weights) or other subclasses
+        return op.weight.dim() == 2 and len(graph.shapes[node.inputs[0]]) == 1
+    return type(op) is ir.Conv2d and len(graph.shapes[node.inputs[0]]) == 3
+
+
+def _fits(t: Optional[Tensor], shape: tuple) -> bool:
+    """t broadcasts to the batched shape (1, *shape) without enlarging it."""
+    return t is None or (t.dim() <= len(shape) + 1 and torch.broadcast_shapes(t.shape, (1,) + shape) == (1,) + shape)
+
+
+def _per_channel(t: Optional[Tensor], shape: tuple) -> bool:
+    """t is constant over every axis but the channel axis (dim 1 of the batched tensor)."""
+    if t is None:
+        return True
+    return t.numel() == 1 or (len(shape) >= 1 and t.dim() == len(shape) + 1 and all(
+        s == 1 for i, s in enumerate(t.shape) if i != 1))
+
+
+def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
+    """Groups keyed by their last node. A node joins a group only when the group's next node
+    is its sole consumer and it is not the graph's output."""
+    users = graph.consumers()
+    by_name = {n.name: n for n in graph.nodes}
+    sole = lambda name: (len(users.get(name, [])) == 1 and name != graph.output)
+    groups: dict[str, Group] = {}
+    taken: set = set()
+    for node in graph.nodes:
+        if node.name in taken or not _core_ok(node, graph):
+            continue
+        pre, src = [], node.inputs[0]
+        in_shape = graph.shapes[src]
+        allow_scale = type(node.op) is ir.Linear or node.op.groups == 1
+        while src in by_name and src not in taken and sole(src):
+            p = by_name[src]
+            shape = graph.shapes[p.inputs[0]]
+            if isinstance(p.op, ir.Reshape) and type(node.op) is ir.Linear:
+                pass
+            elif type(p.op) is ir.ElementwiseAffine and _fits(p.op.scale, shape) and _fits(p.op.shift, shape) and (
+                    type(node.op) is ir.Linear or (_per_channel(p.op.scale, shape) and allow_scale)):
+                pass
+            else:
+                break
+            pre.insert(0, p)
+            src = p.inputs[0]
+        while pre and isinstance(pre[0].op, ir.Reshape):  # a leading reshape fuses nothing
+            pre.pop(0)
+        post, last = [], node
+        while sole(last.name):
+            nxt = by_name[users[last.name][0]]
+            shape = graph.shapes[last.name]
+            if isinstance(nxt.op, ir.BatchNorm) and (
+                    ctx is None or ctx.bn_mode != "batch" or nxt.op.key in ctx.bn_stats):
+                pass
+            elif type(nxt.op) is ir.ElementwiseAffine and all(
+                    _fits(t, shape) and _per_channel(t, shape) for t in (nxt.op.scale, nxt.op.shift)):
+                pass
+            else:
+                break
+            post.append(nxt)
+            last = nxt
+        if pre or post:
+            group = Group(pre, node, post)
+            groups[last.name] = group
+            taken.update(n.name for n in group.nodes)
+    return groups
+
+
+def _channel_vector(t: Optional[Tensor], shape: tuple, default: float) -> Tensor:
+    """A per-channel constant as a (C,) vector (C = shape[0])."""
+    if t is None:
+        return torch.full((shape[0],), default)
+    return torch.broadcast_to(t, (1,) + shape).reshape(1, shape[0], -1)[0, :, 0]
+
+
+def _fused_weights(group: Group, graph: ir.Graph, ctx):
+    """(weight, bias, |weight|) of the group's affine map; bias is (out,) for a Linear and
+    (out,) or a map (1, out, h, w) for a Conv."""
+    core = group.core.op
+    W, b = core.weight, core.bias
+    conv = type(core) is ir.Conv2d
+    if group.pre:
+        first_in = graph.shapes[group.pre[0].inputs[0]]
+        s = torch.ones((1,) + first_in, dtype=W.dtype, device=W.device)
+        t = torch.zeros_like(s)
+        for p in group.pre:  # compose x -> x * s + t through the chain
+            if isinstance(p.op, ir.Reshape):
+                s, t = p.op.forward(s), p.op.forward(t)
+                continue
+            if p.op.scale is not None:
+                s, t = s * p.op.scale, t * p.op.scale
+            if p.op.shift is not None:
+                t = t + p.op.shift
+        if conv:
+            shape = tuple(s.shape[1:])
+            sc = _channel_vector(s, shape, 1.0).to(W.dtype)
+            bias_map = F.conv2d(t, W, b, core.stride, core.padding, core.dilation, core.groups)
+            W = W * sc.reshape(1, -1, 1, 1)
+            b = bias_map if bool((t != 0).any()) else b
+        else:
+            sf, tf = s.reshape(-1), t.reshape(-1)
+            b = W @ tf + (b if b is not None else 0)
+            W = W * sf
+    for p in group.post:
+        shape = graph.shapes[p.inputs[0]]
+        if isinstance(p.op, ir.BatchNorm):
+            probe = torch.zeros((1,) + shape, dtype=W.dtype, device=W.device)
+            scale, shift = p.op.scale_shift(probe, ctx, record=False)
+            sc, sh = scale.reshape(-1), shift.reshape(-1)
+        else:
+            sc = _channel_vector(p.op.scale, shape, 1.0).to(W.dtype)
+            sh = _channel_vector(p.op.shift, shape, 0.0).to(W.dtype)
+        W = W * sc.reshape((-1,) + (1,) * (W.dim() - 1))
+        if b is None:
+            b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
+        b = b * (sc.reshape(1, -1, 1, 1) if b.dim() == 4 else sc) + (sh.reshape(1, -1, 1, 1) if b.dim() == 4 else sh)
+    return W, b, W.abs()
+
+
+def _sources(group: Group, ctx) -> list:
+    ts = []
+    for n in group.nodes:
+        op = n.op
+        for name in ("weight", "bias", "scale", "shift", "running_mean", "running_var"):
+            t = getattr(op, name, None)
+            if isinstance(t, Tensor):
+                ts.append(t)
+        if isinstance(op, ir.BatchNorm) and ctx is not None and ctx.bn_mode == "batch":
+            ts.extend(ctx.bn_stats[op.key])
+    return ts
+
+
+def _weights(group: Group, graph: ir.Graph, ctx):
+    sources = _sources(group, ctx)
+    key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in sources)
+    cache = group.core.op.__dict__.setdefault("_box_fusion_cache", {})
+    names = tuple(n.name for n in group.nodes)
+    if cache.get(names, (None,))[0] != key:
+        cache.clear()  # one entry: the weights of the current parameters
+        cache[names] = (key, _fused_weights(group, graph, ctx))
+    return cache[names][1]
+
+
+def fused_box(group: Group, graph: ir.Graph, box: Box, ctx) -> Box:
+    """The interval of the group's last node from the box of its first input."""
+    W, b, Wabs = _weights(group, graph, ctx)
+    core = group.core.op
+    c, r = box.center, box.radius
+    if type(core) is ir.Conv2d:
+        args = (core.stride, core.padding, core.dilation, core.groups)
+        bias = b if b is None or b.dim() == 1 else None
+        center = F.conv2d(c, W, bias, *args)
+        if b is not None and b.dim() == 4:
+            center = center.add_(b)
+        radius = F.conv2d(r, Wabs, None, *args)
+    else:
+        c, r = c.reshape(c.shape[0], -1), r.reshape(r.shape[0], -1)
+        center, radius = F.linear(c, W, b), F.linear(r, Wabs)
+    return Box.from_center_radius(center, radius)
+
+
+class LazyBox(Box):
+    """A node's box computed from its inputs' boxes on first access (a node inside a fused
+    group, which the pass itself never needs)."""
+
+    def __init__(self, compute: Callable[[], Box]):
+        self._compute = compute
+
+    def _box(self) -> Box:
+        box = self.__dict__.get("_value")
+        if box is None:
+            box = self.__dict__["_value"] = self._compute()
+        return box
+
+    def __getattr__(self, name):  # lo, hi (the dataclass fields) live in the computed box
+        if name in ("lo", "hi"):
+            return getattr(self._box(), name)
+        raise AttributeError(name)
+
+    @property
+    def center(self) -> Tensor:
+        return self._box().center
+
+    @property
+    def radius(self) -> Tensor:
+        return self._box().radius
+
+    @property
+    def shape(self):
+        return self._box().shape
