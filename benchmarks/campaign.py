@@ -6,6 +6,7 @@ box,crown,milp (benchmarks/results_table.py's protocol).
     python benchmarks/campaign.py run --reset-claims &   # two resumable background workers
     sleep 60; python benchmarks/campaign.py run &        # (sharing one queue of jobs)
     python benchmarks/campaign.py table                  # docs/campaign.md + plots
+    python benchmarks/campaign.py recertify --images 1000 --chain-images 100   # more test images
 
 Resumable: a run whose record (benchmarks/campaign/<run>.json, committed) exists is skipped; a
 run interrupted during training continues from its checkpoint (runs/campaign/<run>/, never
@@ -34,6 +35,8 @@ SCALE = {"model": "cnn-small", "train_samples": 3000, "epochs": 5, "batch_size":
 if os.environ.get("CAMPAIGN_SMOKE"):  # a seconds-long check of the whole pipeline
     SCALE.update(train_samples=256, epochs=2, eval_samples=50, certify=20, certify_chain=10, attack_steps=5, restarts=1)
 MAIN_METHODS = ("standard", "pgd", "ibp", "sabr", "mtl-ibp")
+LATER_METHODS = ("taps", "staps")  # added later, at ε = 0.1 only (same schedule as the others)
+TABLE_METHODS = MAIN_METHODS + LATER_METHODS
 EPSILONS = (0.1, 0.3)
 SEEDS = (0, 1, 2)
 SWEEP = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -48,7 +51,8 @@ def jobs() -> list[dict]:
     main = lambda seed: [{"method": m, "eps": e, "seed": seed, "lam": None} for e in EPSILONS for m in MAIN_METHODS]
     # λ = 0.4 (the paper's value) is the main table's seed-0 SABR run, λ = 1 its IBP run (bit-identical)
     sweep = [{"method": "sabr", "eps": 0.1, "seed": 0, "lam": lam} for lam in SWEEP if lam not in (0.4, 1.0)]
-    return main(SEEDS[0]) + main(SEEDS[1]) + sweep + [job for seed in SEEDS[2:] for job in main(seed)]
+    later = [{"method": m, "eps": 0.1, "seed": seed, "lam": None} for m in LATER_METHODS for seed in SEEDS]
+    return main(SEEDS[0]) + main(SEEDS[1]) + sweep + [job for seed in SEEDS[2:] for job in main(seed)] + later
 
 
 def train_one(job: dict, log) -> dict:
@@ -151,6 +155,48 @@ def run(threads: int, log) -> None:
             f"({rec['certify_s']:.0f} + {rec['chain_certify_s']:.0f} s)")
 
 
+def recertify(images: int, chain_images: int, runs: list, threads: int, log) -> None:
+    """Certify every recorded run's model again on more test images, with the same protocol:
+    box and box,crown on the first `images`, the full chain on the first `chain_images`. The
+    result goes into the record under "large"; records that have it are skipped (resumable, and
+    two workers share the queue by claims)."""
+    torch.set_num_threads(threads)
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from results_table import run_model
+
+    for rec in load_records():
+        done = rec.get("large", {})
+        if done.get("certified_images") == images and done.get("chain_images") == chain_images:
+            continue
+        onnx = next((p for p in (os.path.join(d, rec["name"], "model.onnx") for d in runs) if os.path.exists(p)), None)
+        if onnx is None:
+            log(f"{rec['name']}: no model.onnx under {', '.join(runs)}; skipped")
+            continue
+        if not claim(f"{rec['name']}.recertify-{images}-{chain_images}"):
+            continue
+        t0 = time.perf_counter()
+        c = run_model(onnx, images, rec["eps"], 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
+                      SCALE["restarts"], lambda s: None, use_milp=False)
+        t1 = time.perf_counter()
+        ch = run_model(onnx, chain_images, rec["eps"], 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
+                       SCALE["restarts"], lambda s: None)
+        rec["large"] = {"certified_images": images, "standard_acc": c["clean"] / images, "pgd_acc": c["pgd"] / images,
+                        "cert_box": c["box"] / images, "cert_box_crown": c["crown"] / images,
+                        "certify_s": round(t1 - t0, 1), "chain_images": chain_images,
+                        "cert_full_chain": ch["milp"] / chain_images, "chain_box_crown": ch["crown"] / chain_images,
+                        "chain_certify_s": round(time.perf_counter() - t1, 1),
+                        "milp": {"runs": ch["milp_runs"], "timeouts": ch["milp_timeouts"],
+                                 "falsified": ch["milp_falsified"]}}
+        path = os.path.join(RECORDS, f"{rec['name']}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(rec, f, indent=1)
+        os.replace(path + ".tmp", path)
+        L = rec["large"]
+        log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: {images} images: std {L['standard_acc']:.3f} "
+            f"box {L['cert_box']:.3f} crown {L['cert_box_crown']:.3f}; chain on {chain_images}: "
+            f"{L['cert_full_chain']:.3f} ({L['certify_s']:.0f} + {L['chain_certify_s']:.0f} s)")
+
+
 def load_records() -> list[dict]:
     out = []
     for f in sorted(os.listdir(RECORDS)) if os.path.isdir(RECORDS) else []:
@@ -197,7 +243,7 @@ def table(records: list[dict]) -> str:
              "| ε | method | n | " + " | ".join(h for _, h in COLUMNS) + " | train s (mean) |",
              "|---|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for eps in EPSILONS:
-        for m in MAIN_METHODS:
+        for m in TABLE_METHODS:
             rs = [r for r in main if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
             if not rs:
                 continue
@@ -206,7 +252,21 @@ def table(records: list[dict]) -> str:
             label = m if m != "sabr" else f"sabr (λ={rs[0]['options']['lambda']:g})"
             if m == "mtl-ibp":
                 label = f"mtl-ibp (α={rs[0]['options']['alpha']:g})"
+            if m == "staps":
+                label = f"staps (λ={rs[0]['options']['lambda']:g})"
             lines.append(f"| {eps:g} | {label} | {len(rs)} | " + " | ".join(cells) + f" | {t:.0f} |")
+    large = [r for r in main if "large" in r]
+    if large:
+        L0 = large[0]["large"]
+        lines += ["", f"The same models certified again on more test images: the first {L0['certified_images']} with box "
+                  f"and box,crown (and their standard / PGD accuracy), the first {L0['chain_images']} with the full chain "
+                  "(`campaign.py recertify`):", "",
+                  "| ε | method | n | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|---|" + "---|" * len(COLUMNS)]
+        for eps in EPSILONS:
+            for m in TABLE_METHODS:
+                rs = [r["large"] for r in large if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
+                if rs:
+                    lines.append(f"| {eps:g} | {m} | {len(rs)} | " + " | ".join(mean_std([r[k] for r in rs]) for k, _ in COLUMNS) + " |")
     sweep = sweep_records(records)
     if sweep:
         lines += ["", "SABR λ sweep at ε = 0.1 (seed 0):", "",
@@ -229,7 +289,7 @@ def plots(records: list[dict], out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(EPSILONS), figsize=(10, 4))
     main = [r for r in records if "lam" not in r["name"]]
     for ax, eps in zip(axes, EPSILONS):
-        for m in MAIN_METHODS:
+        for m in TABLE_METHODS:
             rs = [r for r in main if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
             if rs:
                 ax.scatter([100 * r["standard_acc"] for r in rs], [100 * r["cert_full_chain"] for r in rs], label=m)
@@ -314,6 +374,11 @@ def main():
     t = sub.add_parser("table", help="write the mean ± std table and the plots")
     t.add_argument("--out", default=os.path.join(ROOT, "docs", "campaign.md"))
     sub.add_parser("ship", help="copy the best runs into models/zoo (see SHIP)")
+    rc = sub.add_parser("recertify", help="certify every recorded model again on more test images (resumable)")
+    rc.add_argument("--images", type=int, default=1000, help="box and box,crown on the first N test images")
+    rc.add_argument("--chain-images", type=int, default=100, help="the full chain on the first N")
+    rc.add_argument("--runs", default=RUNS, help="comma list of run directories holding <run>/model.onnx")
+    rc.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)
     if args.cmd == "run":
@@ -322,6 +387,8 @@ def main():
                 if f.endswith(".claim"):
                     os.remove(os.path.join(RUNS, f))
         run(args.threads, log)
+    elif args.cmd == "recertify":
+        recertify(args.images, args.chain_images, args.runs.split(","), args.threads, log)
     elif args.cmd == "ship":
         ship(load_records(), log)
     else:

@@ -134,7 +134,7 @@ class TrainingMethod(ABC):
 
 _REGISTRY: dict[str, type[TrainingMethod]] = {}
 _LOADED = False
-_BUILTINS = ("method_sabr", "method_expressive", "method_crown_ibp")
+_BUILTINS = ("method_sabr", "method_expressive", "method_crown_ibp", "method_taps")
 
 
 def register_method(cls: type[TrainingMethod]) -> type[TrainingMethod]:
