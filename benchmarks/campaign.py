@@ -26,12 +26,17 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RECORDS = os.environ.get("CAMPAIGN_RECORDS", os.path.join(ROOT, "benchmarks", "campaign"))
-RUNS = os.environ.get("CAMPAIGN_RUNS", os.path.join(ROOT, "runs", "campaign"))
-# sized to finish on 2 shared cores in about an hour (see the README's "Training methods")
+# CAMPAIGN_SCALE=v2: the second, larger campaign (its own records, runs and table)
+V2 = os.environ.get("CAMPAIGN_SCALE") == "v2"
+TAG = "campaign_v2" if V2 else "campaign"
+RECORDS = os.environ.get("CAMPAIGN_RECORDS", os.path.join(ROOT, "benchmarks", TAG))
+RUNS = os.environ.get("CAMPAIGN_RUNS", os.path.join(ROOT, "runs", TAG))
+# v1: sized to finish on 2 shared cores in about an hour (see the README's "Training methods")
 SCALE = {"model": "cnn-small", "train_samples": 3000, "epochs": 5, "batch_size": 32, "warmup_epochs": 1,
          "ramp_epochs": 2, "eval_samples": 100, "certify": 100, "certify_chain": 25, "milp_time_limit": 1.0,
          "attack_steps": 20, "restarts": 2}
+if V2:  # a ramp long enough for ε = 0.3 (v1's 2-epoch ramp collapsed there), 1000 test images
+    SCALE.update(train_samples=8000, epochs=10, ramp_epochs=6, eval_samples=200, certify=1000, certify_chain=100)
 if os.environ.get("CAMPAIGN_SMOKE"):  # a seconds-long check of the whole pipeline
     SCALE.update(train_samples=256, epochs=2, eval_samples=50, certify=20, certify_chain=10, attack_steps=5, restarts=1)
 MAIN_METHODS = ("standard", "pgd", "ibp", "sabr", "mtl-ibp")
@@ -51,6 +56,9 @@ def jobs() -> list[dict]:
     main = lambda seed: [{"method": m, "eps": e, "seed": seed, "lam": None} for e in EPSILONS for m in MAIN_METHODS]
     # λ = 0.4 (the paper's value) is the main table's seed-0 SABR run, λ = 1 its IBP run (bit-identical)
     sweep = [{"method": "sabr", "eps": 0.1, "seed": 0, "lam": lam} for lam in SWEEP if lam not in (0.4, 1.0)]
+    if V2:  # every method at both ε, seed by seed, then the sweep
+        every = lambda seed: [{"method": m, "eps": e, "seed": seed, "lam": None} for e in EPSILONS for m in TABLE_METHODS]
+        return [job for seed in SEEDS for job in every(seed)] + sweep
     later = [{"method": m, "eps": 0.1, "seed": seed, "lam": None} for m in LATER_METHODS for seed in SEEDS]
     return main(SEEDS[0]) + main(SEEDS[1]) + sweep + [job for seed in SEEDS[2:] for job in main(seed)] + later
 
@@ -145,7 +153,8 @@ def run(threads: int, log) -> None:
                "certify_time_s": {k2: round(v, 1) for k2, v in cert["time"].items()},
                "train_eval_last_epoch": {k2: tr["last_epoch"][k2] for k2 in ("test_acc", "pgd_acc", "box_cert_acc")},
                "config": tr["config"], "torch": torch.__version__, "threads": threads,
-               "machine": f"{platform.machine()}, 2 cores shared with ~6 other jobs"}
+               "machine": (f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
+                           "when the run ended" if V2 else f"{platform.machine()}, 2 cores shared with ~6 other jobs")}
         tmp = record + ".tmp"
         with open(tmp, "w") as f:
             json.dump(rec, f, indent=1)
@@ -299,7 +308,7 @@ def plots(records: list[dict], out_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "campaign_std_vs_cert.png")
+    path = os.path.join(out_dir, f"{TAG}_std_vs_cert.png")
     fig.savefig(path, dpi=90)
     made.append(path)
     sweep = sweep_records(records)
@@ -315,7 +324,7 @@ def plots(records: list[dict], out_dir: str) -> list[str]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = os.path.join(out_dir, "campaign_sabr_lambda.png")
+        path = os.path.join(out_dir, f"{TAG}_sabr_lambda.png")
         fig.savefig(path, dpi=90)
         made.append(path)
     return made
@@ -372,7 +381,7 @@ def main():
     r.add_argument("--reset-claims", action="store_true", help="forget every claim (no worker may be running)")
     r.add_argument("--threads", type=int, default=1)
     t = sub.add_parser("table", help="write the mean ± std table and the plots")
-    t.add_argument("--out", default=os.path.join(ROOT, "docs", "campaign.md"))
+    t.add_argument("--out", default=os.path.join(ROOT, "docs", f"{TAG}.md"))
     sub.add_parser("ship", help="copy the best runs into models/zoo (see SHIP)")
     rc = sub.add_parser("recertify", help="certify every recorded model again on more test images (resumable)")
     rc.add_argument("--images", type=int, default=1000, help="box and box,crown on the first N test images")

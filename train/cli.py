@@ -49,7 +49,7 @@ def _flag(ctx, name):
 @click.command(context_settings=CONTEXT)
 @click.option("--method", default="sabr",
               help="registered training method (`verikit methods`): sabr, ibp, pgd, standard, mtl-ibp, exp-ibp, "
-                   "cc-ibp, crown-ibp, plug-ins")
+                   "cc-ibp, crown-ibp, taps, staps, plug-ins")
 @click.option("--method-option", "method_option", multiple=True, metavar="NAME=VALUE",
               help="an option of the method, e.g. alpha=0.3 (repeatable; `verikit methods --options`)")
 @click.option("--domain", default="box", help="registered differentiable domain propagating the region")
@@ -101,6 +101,7 @@ def train(ctx, method, method_option, domain, sabr_lambda, dataset, eps, model, 
       verikit train --sabr-lambda 0 --model cnn-small                       # PGD training
       verikit train --method standard --model mlp --epochs 5                # plain training
       verikit train --method mtl-ibp --method-option alpha=0.5 --model cnn-small  # MTL-IBP
+      verikit train --method taps --eps 0.2 --model cnn7                   # TAPS (paper: train at 2x eps)
       verikit train --resume runs/mnist-sabr-0.1-cnn7                       # continue a run
 
       torchrun --nproc-per-node 2 -m verikit.train --model cnn7             # data parallel
