@@ -240,6 +240,14 @@ COLUMNS = (("standard_acc", "standard"), ("pgd_acc", "PGD"), ("cert_box", "cert.
            ("cert_box_crown", "box,crown"), ("cert_full_chain", "box,crown,milp"))
 
 
+def _label(method: str, record: dict) -> str:
+    """The method with its defining option (SABR/STAPS λ, MTL-IBP α)."""
+    opts = record["options"]
+    if method in ("sabr", "staps"):
+        return f"{method} (λ={opts['lambda']:g})"
+    return f"mtl-ibp (α={opts['alpha']:g})" if method == "mtl-ibp" else method
+
+
 def table(records: list[dict]) -> str:
     sc = records[0]["scale"] if records else SCALE
     main = [r for r in records if "lam" not in r["name"]]
@@ -258,12 +266,7 @@ def table(records: list[dict]) -> str:
                 continue
             cells = [mean_std([r[k] for r in rs]) for k, _ in COLUMNS]
             t = sum(r["train_s"] for r in rs) / len(rs)
-            label = m if m != "sabr" else f"sabr (λ={rs[0]['options']['lambda']:g})"
-            if m == "mtl-ibp":
-                label = f"mtl-ibp (α={rs[0]['options']['alpha']:g})"
-            if m == "staps":
-                label = f"staps (λ={rs[0]['options']['lambda']:g})"
-            lines.append(f"| {eps:g} | {label} | {len(rs)} | " + " | ".join(cells) + f" | {t:.0f} |")
+            lines.append(f"| {eps:g} | {_label(m, rs[0])} | {len(rs)} | " + " | ".join(cells) + f" | {t:.0f} |")
     large = [r for r in main if "large" in r]
     if large:
         L0 = large[0]["large"]
@@ -275,7 +278,8 @@ def table(records: list[dict]) -> str:
             for m in TABLE_METHODS:
                 rs = [r["large"] for r in large if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9]
                 if rs:
-                    lines.append(f"| {eps:g} | {m} | {len(rs)} | " + " | ".join(mean_std([r[k] for r in rs]) for k, _ in COLUMNS) + " |")
+                    first = next(r for r in large if r["registry_method"] == m and abs(r["eps"] - eps) < 1e-9)
+                    lines.append(f"| {eps:g} | {_label(m, first)} | {len(rs)} | " + " | ".join(mean_std([r[k] for r in rs]) for k, _ in COLUMNS) + " |")
     sweep = sweep_records(records)
     if sweep:
         lines += ["", "SABR λ sweep at ε = 0.1 (seed 0):", "",
@@ -368,7 +372,7 @@ def ship(records: list[dict], log) -> None:
                                   + f"--epochs {c['epochs']} --train-samples {c['train_samples']} --batch-size "
                                   f"{c['batch_size']} --ramp-epochs {c['ramp_epochs']} --seed {best['seed']} "
                                   "--threads 1"),
-                "record": f"benchmarks/campaign/{best['name']}.json"}
+                "record": f"benchmarks/{TAG}/{best['name']}.json"}
         with open(os.path.join(ROOT, "models", "zoo", f"{name}.json"), "w") as f:
             json.dump(meta, f, indent=2)
         log(f"shipped {best['name']} as {name} (clean {acc:.3f} on 500)")
