@@ -287,7 +287,7 @@ def table(records: list[dict]) -> str:
         for r in sweep:
             lines.append(f"| {lam_of(r):g} | " + " | ".join(f"{100 * r[k]:.1f}" for k, _ in COLUMNS)
                          + f" | {r['train_s']:.0f} |")
-    lines += ["", "Per-run records (method, options, seed, epochs, times, accuracies): `benchmarks/campaign/*.json`. "
+    lines += ["", f"Per-run records (method, options, seed, epochs, times, accuracies): `benchmarks/{TAG}/*.json`. "
               f"Machine: {records[0]['machine'] if records else '?'}, 1 torch thread per run, two runs at a time."]
     return "\n".join(lines) + "\n"
 
@@ -334,11 +334,13 @@ def plots(records: list[dict], out_dir: str) -> list[str]:
     return made
 
 
-SHIP = {"mtl-ibp": "mnist-mtl-ibp-0.1", "pgd": "mnist-pgd-0.1"}  # method -> shipped name (ε = 0.1)
+# (method, ε) -> shipped name; v2 ships its TAPS/STAPS models and the best certified ε = 0.3 ones
+SHIP = ({("taps", 0.1): "mnist-taps-0.1", ("staps", 0.1): "mnist-staps-0.1", ("ibp", 0.3): "mnist-ibp-0.3",
+         ("sabr", 0.3): "mnist-sabr-0.3"} if V2 else {("mtl-ibp", 0.1): "mnist-mtl-ibp-0.1", ("pgd", 0.1): "mnist-pgd-0.1"})
 
 
 def ship(records: list[dict], log) -> None:
-    """Copy the best ε = 0.1 run of each method in SHIP (by full-chain certified accuracy, then
+    """Copy the best run of each (method, ε) in SHIP (by full-chain certified accuracy, then
     standard accuracy) into models/zoo with its metadata; the clean accuracy on the first 500
     test images is measured on the copied file."""
     import shutil
@@ -347,8 +349,8 @@ def ship(records: list[dict], log) -> None:
     from verikit.datasets import load_mnist
 
     x, y = load_mnist("test")
-    for method, name in SHIP.items():
-        rs = [r for r in records if r["registry_method"] == method and abs(r["eps"] - 0.1) < 1e-9
+    for (method, eps), name in SHIP.items():
+        rs = [r for r in records if r["registry_method"] == method and abs(r["eps"] - eps) < 1e-9
               and "lam" not in r["name"]]
         if not rs:
             continue
@@ -359,15 +361,15 @@ def ship(records: list[dict], log) -> None:
         with torch.no_grad():
             acc = float((verikit.from_onnx(dst).forward(x[:500]).argmax(1) == y[:500]).float().mean())
         c = best["config"]
-        meta = {"name": name, "dataset": "mnist", "eps": 0.1, "method": method, "options": best["options"],
+        meta = {"name": name, "dataset": "mnist", "eps": eps, "method": method, "options": best["options"],
                 "architecture": c["model"], "epochs": c["epochs"], "train_samples": c["train_samples"],
                 "seed": best["seed"], "clean_acc_first500": acc,
                 f"campaign_first{best['certified_images']}": {k: best[k] for k in
                                                               ("standard_acc", "pgd_acc", "cert_box", "cert_box_crown")},
                 f"cert_full_chain_first{best['chain_images']}": best["cert_full_chain"],
-                "description": f"{method} on MNIST ε=0.1, campaign scale ({c['train_samples']} images, "
+                "description": f"{method} on MNIST ε={eps:g}, {TAG} scale ({c['train_samples']} images, "
                                f"{c['epochs']} epochs), best of {len(rs)} seeds",
-                "train_command": (f"verikit train --model {c['model']} --eps 0.1 --method {method} "
+                "train_command": (f"verikit train --model {c['model']} --eps {eps:g} --method {method} "
                                   + "".join(f"--method-option {k}={v} " for k, v in best["options"].items())
                                   + f"--epochs {c['epochs']} --train-samples {c['train_samples']} --batch-size "
                                   f"{c['batch_size']} --ramp-epochs {c['ramp_epochs']} --seed {best['seed']} "

@@ -68,3 +68,30 @@ def test_models_command_lists_shipped():
     listed = {m["name"] for m in list_models()}
     for name in SHIPPED:
         assert name in listed and name in res.output
+
+
+CAMPAIGN_SHIPPED = ["mnist-mtl-ibp-0.1", "mnist-pgd-0.1", "mnist-taps-0.1", "mnist-staps-0.1", "mnist-ibp-0.3",
+                    "mnist-sabr-0.3"]
+
+
+@pytest.mark.parametrize("name", CAMPAIGN_SHIPPED)
+def test_campaign_models_match_their_records(name):
+    """Shipped campaign models: the file loads, its clean accuracy is the metadata's, and the
+    metadata's figures are those of the committed campaign record it names."""
+    from verikit.datasets import load_mnist
+    from verikit.train.methods import available_methods
+
+    path = shipped_model_path(name)
+    assert path is not None and os.path.getsize(path) < 600 * 1024
+    meta = json.loads(open(path[:-5] + ".json").read())
+    assert meta["name"] == name and meta["method"] in available_methods()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    record = json.loads(open(os.path.join(root, meta["record"])).read())
+    assert record["registry_method"] == meta["method"] and record["eps"] == meta["eps"] == float(name.rsplit("-", 1)[1])
+    assert record["options"] == meta["options"] and record["seed"] == meta["seed"]
+    first = meta[f"campaign_first{record['certified_images']}"]
+    assert all(first[k] == record[k] for k in ("standard_acc", "pgd_acc", "cert_box", "cert_box_crown"))
+    x, y = load_mnist("test")
+    with torch.no_grad():
+        acc = float((verikit.from_onnx(path).forward(x[:500]).argmax(1) == y[:500]).float().mean())
+    assert abs(acc - meta["clean_acc_first500"]) < 1e-9
