@@ -133,7 +133,9 @@ def test_splits_verify_what_crown_cannot_and_never_a_violated_query():
     verified = 0
     for graph, box, spec in _queries():
         assert not _crown_holds(graph, box, spec)
-        res = get_domain("bab", timeout=8.0).bound(graph, box, spec)  # 20 inputs: no input splitting
+        # 20 inputs: no input splitting. A domain cap rather than a short timeout ends the query
+        # bab cannot decide, so a loaded machine changes how long this takes, not its verdicts
+        res = get_domain("bab", timeout=40.0, max_domains=700).bound(graph, box, spec)
         x = box.lo + (box.hi - box.lo) * torch.rand(20_000, box.lo.shape[1], generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             sampled_violation = bool(spec.expand(len(x)).violated_by(graph.forward(x)).any())
@@ -143,7 +145,7 @@ def test_splits_verify_what_crown_cannot_and_never_a_violated_query():
             with torch.no_grad():
                 assert bool(spec.violated_by(graph.forward(res.counterexamples[0][None]))[0])
         verified += int(res.status == ["verified"])
-    assert verified >= 3, verified  # 5 of 6 on an idle machine, each in under 5 s
+    assert verified >= 3, verified  # 5 of 6 here, each in under 5 s (at most 546 sub-domains) when idle
 
 
 def test_a_mixed_relu_and_sigmoid_net_is_split_soundly():
