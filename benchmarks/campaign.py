@@ -90,21 +90,50 @@ def train_one(job: dict, log) -> dict:
             "last_epoch": trainer.metrics[-1]}
 
 
-def certify_one(onnx_path: str, eps: float, log) -> dict:
-    """box and box,crown on the first `certify` test images; the full chain (MILP after them) on
-    the first `certify_chain` (MILP costs seconds per open sample on 2 shared cores)."""
+def certify_one(onnx_path: str, eps: float, images: int = None, chain_images: int = None) -> dict:
+    """box and box,crown on the first `images` test images (default SCALE's `certify`); the full
+    chain (MILP after them) on the first `chain_images` (`certify_chain`: MILP costs seconds per
+    open sample on 2 shared cores)."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from results_table import run_model
 
+    images = SCALE["certify"] if images is None else images
+    chain_images = SCALE["certify_chain"] if chain_images is None else chain_images
     t0 = time.perf_counter()
-    c = run_model(onnx_path, SCALE["certify"], eps, 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
+    c = run_model(onnx_path, images, eps, 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
                   SCALE["restarts"], lambda s: None, use_milp=False)
     c["wall_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    c["chain"] = run_model(onnx_path, SCALE["certify_chain"], eps, 100, SCALE["milp_time_limit"],
+    c["chain"] = run_model(onnx_path, chain_images, eps, 100, SCALE["milp_time_limit"],
                            SCALE["attack_steps"], SCALE["restarts"], lambda s: None)
     c["chain"]["wall_s"] = time.perf_counter() - t0
     return c
+
+
+def cert_figures(cert: dict) -> dict:
+    """The record's fields of one `certify_one` result: accuracies as fractions, times."""
+    n, ch = cert["n"], cert["chain"]
+    return {"certify_s": round(cert["wall_s"], 1), "certified_images": n,
+            "standard_acc": cert["clean"] / n, "pgd_acc": cert["pgd"] / n,
+            "cert_box": cert["box"] / n, "cert_box_crown": cert["crown"] / n,
+            "chain_images": ch["n"], "cert_full_chain": ch["milp"] / ch["n"],
+            "chain_box_crown": ch["crown"] / ch["n"], "chain_certify_s": round(ch["wall_s"], 1),
+            "milp": {"runs": ch["milp_runs"], "timeouts": ch["milp_timeouts"],
+                     "falsified": ch["milp_falsified"], "time_s": round(ch["time"]["milp"], 1)},
+            "certify_time_s": {k: round(v, 1) for k, v in cert["time"].items()}}
+
+
+def _summary(f: dict) -> str:
+    return (f"std {f['standard_acc']:.3f} pgd {f['pgd_acc']:.3f} box {f['cert_box']:.3f} crown "
+            f"{f['cert_box_crown']:.3f} on {f['certified_images']}; chain {f['cert_full_chain']:.3f} on "
+            f"{f['chain_images']} ({f['certify_s']:.0f} + {f['chain_certify_s']:.0f} s)")
+
+
+def _write_record(rec: dict) -> None:
+    path = os.path.join(RECORDS, f"{rec['name']}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def claim(name: str) -> bool:
@@ -138,30 +167,17 @@ def run(threads: int, log) -> None:
         log(f"[{time.strftime('%H:%M:%S')}] {name}: training")
         tr = train_one(job, log)
         log(f"[{time.strftime('%H:%M:%S')}] {name}: trained in {tr['train_s']:.0f} s; certifying")
-        cert = certify_one(tr["onnx"], job["eps"], log)
-        n_img, ch = cert["n"], cert["chain"]
+        cert = certify_one(tr["onnx"], job["eps"])
         rec = {"name": name, "method": tr["kind"], "registry_method": job["method"], "eps": job["eps"],
                "seed": job["seed"], "options": tr["config"]["method_options"], "scale": SCALE,
                "train_s": round(tr["train_s"], 1), "epoch_train_s": [round(v, 1) for v in tr["epoch_train_s"]],
-               "certify_s": round(cert["wall_s"], 1), "certified_images": n_img,
-               "standard_acc": cert["clean"] / n_img, "pgd_acc": cert["pgd"] / n_img,
-               "cert_box": cert["box"] / n_img, "cert_box_crown": cert["crown"] / n_img,
-               "chain_images": ch["n"], "cert_full_chain": ch["milp"] / ch["n"],
-               "chain_box_crown": ch["crown"] / ch["n"], "chain_certify_s": round(ch["wall_s"], 1),
-               "milp": {"runs": ch["milp_runs"], "timeouts": ch["milp_timeouts"],
-                        "falsified": ch["milp_falsified"], "time_s": round(ch["time"]["milp"], 1)},
-               "certify_time_s": {k2: round(v, 1) for k2, v in cert["time"].items()},
+               **cert_figures(cert),
                "train_eval_last_epoch": {k2: tr["last_epoch"][k2] for k2 in ("test_acc", "pgd_acc", "box_cert_acc")},
                "config": tr["config"], "torch": torch.__version__, "threads": threads,
                "machine": (f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
                            "when the run ended" if V2 else f"{platform.machine()}, 2 cores shared with ~6 other jobs")}
-        tmp = record + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(tmp, record)
-        log(f"[{time.strftime('%H:%M:%S')}] {name}: std {rec['standard_acc']:.3f} pgd {rec['pgd_acc']:.3f} "
-            f"box {rec['cert_box']:.3f} crown {rec['cert_box_crown']:.3f} chain {rec['cert_full_chain']:.3f} "
-            f"({rec['certify_s']:.0f} + {rec['chain_certify_s']:.0f} s)")
+        _write_record(rec)
+        log(f"[{time.strftime('%H:%M:%S')}] {name}: {_summary(rec)}")
 
 
 def recertify(images: int, chain_images: int, runs: list, threads: int, log) -> None:
@@ -170,9 +186,6 @@ def recertify(images: int, chain_images: int, runs: list, threads: int, log) -> 
     result goes into the record under "large"; records that have it are skipped (resumable, and
     two workers share the queue by claims)."""
     torch.set_num_threads(threads)
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from results_table import run_model
-
     for rec in load_records():
         done = rec.get("large", {})
         if done.get("certified_images") == images and done.get("chain_images") == chain_images:
@@ -183,27 +196,9 @@ def recertify(images: int, chain_images: int, runs: list, threads: int, log) -> 
             continue
         if not claim(f"{rec['name']}.recertify-{images}-{chain_images}"):
             continue
-        t0 = time.perf_counter()
-        c = run_model(onnx, images, rec["eps"], 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
-                      SCALE["restarts"], lambda s: None, use_milp=False)
-        t1 = time.perf_counter()
-        ch = run_model(onnx, chain_images, rec["eps"], 100, SCALE["milp_time_limit"], SCALE["attack_steps"],
-                       SCALE["restarts"], lambda s: None)
-        rec["large"] = {"certified_images": images, "standard_acc": c["clean"] / images, "pgd_acc": c["pgd"] / images,
-                        "cert_box": c["box"] / images, "cert_box_crown": c["crown"] / images,
-                        "certify_s": round(t1 - t0, 1), "chain_images": chain_images,
-                        "cert_full_chain": ch["milp"] / chain_images, "chain_box_crown": ch["crown"] / chain_images,
-                        "chain_certify_s": round(time.perf_counter() - t1, 1),
-                        "milp": {"runs": ch["milp_runs"], "timeouts": ch["milp_timeouts"],
-                                 "falsified": ch["milp_falsified"]}}
-        path = os.path.join(RECORDS, f"{rec['name']}.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(rec, f, indent=1)
-        os.replace(path + ".tmp", path)
-        L = rec["large"]
-        log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: {images} images: std {L['standard_acc']:.3f} "
-            f"box {L['cert_box']:.3f} crown {L['cert_box_crown']:.3f}; chain on {chain_images}: "
-            f"{L['cert_full_chain']:.3f} ({L['certify_s']:.0f} + {L['chain_certify_s']:.0f} s)")
+        rec["large"] = cert_figures(certify_one(onnx, rec["eps"], images, chain_images))
+        _write_record(rec)
+        log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: {_summary(rec['large'])}")
 
 
 def load_records() -> list[dict]:
