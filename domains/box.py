@@ -18,6 +18,7 @@ from verikit.spec import Spec, fold_spec
 from .base import Domain, DomainResult, register_domain
 from .box_fusion import LazyBox, fused_box, fusion_groups
 from .guard import interval_guard
+from .relaxations import round_outward
 
 
 def _affine_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
@@ -70,10 +71,7 @@ def _softmax_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
     rel = max(1e-12, (lo.shape[ax] + 4) * 2.0 ** -50)  # the float64 sums' rounding, with room
     low = (low * (1 - rel)).clamp(0.0, 1.0)
     up = torch.where(up > 0, up * (1 + rel), torch.full_like(up, 2.0 ** -1000)).clamp(0.0, 1.0)  # never 0
-    lo32, hi32 = low.to(b.lo.dtype), up.to(b.hi.dtype)
-    lo32 = torch.where(lo32.double() > low, torch.nextafter(lo32, torch.full_like(lo32, -1.0)), lo32)
-    hi32 = torch.where(hi32.double() < up, torch.nextafter(hi32, torch.full_like(hi32, 2.0)), hi32)
-    return Box(lo32, hi32)
+    return Box(*round_outward(low, up, b.lo.dtype))
 
 
 def _product_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:

@@ -76,7 +76,6 @@ def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
         if node.name in taken or not _core_ok(node, graph):
             continue
         pre, src = [], node.inputs[0]
-        in_shape = graph.shapes[src]
         allow_scale = type(node.op) is ir.Linear or node.op.groups == 1
         while src in by_name and src not in taken and sole(src):
             p = by_name[src]
@@ -113,11 +112,11 @@ def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
     return groups
 
 
-def _channel_vector(t: Optional[Tensor], shape: tuple, default: float) -> Tensor:
-    """A per-channel constant as a (C,) vector (C = shape[0])."""
+def _channel_vector(t: Optional[Tensor], shape: tuple, default: float, like: Tensor) -> Tensor:
+    """A per-channel constant as a (C,) vector (C = shape[0]) of `like`'s dtype and device."""
     if t is None:
-        return torch.full((shape[0],), default)
-    return torch.broadcast_to(t, (1,) + shape).reshape(1, shape[0], -1)[0, :, 0]
+        return torch.full((shape[0],), default, dtype=like.dtype, device=like.device)
+    return torch.broadcast_to(t, (1,) + shape).reshape(1, shape[0], -1)[0, :, 0].to(like.dtype)
 
 
 def _fused_weights(group: Group, graph: ir.Graph, ctx):
@@ -140,7 +139,7 @@ def _fused_weights(group: Group, graph: ir.Graph, ctx):
                 t = t + p.op.shift
         if conv:
             shape = tuple(s.shape[1:])
-            sc = _channel_vector(s, shape, 1.0).to(W.dtype)
+            sc = _channel_vector(s, shape, 1.0, W)
             bias_map = F.conv2d(t, W, b, core.stride, core.padding, core.dilation, core.groups)
             W = W * sc.reshape(1, -1, 1, 1)
             b = bias_map if bool((t != 0).any()) else b
@@ -155,12 +154,13 @@ def _fused_weights(group: Group, graph: ir.Graph, ctx):
             scale, shift = p.op.scale_shift(probe, ctx, record=False)
             sc, sh = scale.reshape(-1), shift.reshape(-1)
         else:
-            sc = _channel_vector(p.op.scale, shape, 1.0).to(W.dtype)
-            sh = _channel_vector(p.op.shift, shape, 0.0).to(W.dtype)
+            sc = _channel_vector(p.op.scale, shape, 1.0, W)
+            sh = _channel_vector(p.op.shift, shape, 0.0, W)
         W = W * sc.reshape((-1,) + (1,) * (W.dim() - 1))
         if b is None:
             b = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)
-        b = b * (sc.reshape(1, -1, 1, 1) if b.dim() == 4 else sc) + (sh.reshape(1, -1, 1, 1) if b.dim() == 4 else sh)
+        per_channel = (1, -1, 1, 1) if b.dim() == 4 else (-1,)  # a conv's bias map, or a bias vector
+        b = b * sc.reshape(per_channel) + sh.reshape(per_channel)
     return W, b, W.abs()
 
 

@@ -269,6 +269,14 @@ def reciprocal_relaxation(l: Tensor, u: Tensor) -> LinearRelaxation:
 SIGN_MAX_SLOPE = 1e4
 
 
+def round_outward(lo64: Tensor, hi64: Tensor, dtype) -> tuple[Tensor, Tensor]:
+    """float64 bounds rounded outward to `dtype`: lo down, hi up (never inside the float64 ones)."""
+    lo, hi = lo64.to(dtype), hi64.to(dtype)
+    lo = torch.where(lo.double() > lo64, torch.nextafter(lo, torch.full_like(lo, -math.inf)), lo)
+    hi = torch.where(hi.double() < hi64, torch.nextafter(hi, torch.full_like(hi, math.inf)), hi)
+    return lo, hi
+
+
 def _slope_down(s64: Tensor, dtype) -> Tensor:
     """s64 rounded to `dtype`, downwards."""
     s = s64.to(dtype)

@@ -16,17 +16,9 @@ from torch import Tensor
 
 from verikit import ir
 
-from .relaxations import exp_relaxation, reciprocal_relaxation
+from .relaxations import exp_relaxation, reciprocal_relaxation, round_outward
 
 MAX_DIFFERENCE = 10.0
-
-
-def _outward(lo64: Tensor, hi64: Tensor, dtype) -> tuple[Tensor, Tensor]:
-    """float64 bounds rounded outward to `dtype`."""
-    lo, hi = lo64.to(dtype), hi64.to(dtype)
-    lo = torch.where(lo.double() > lo64, torch.nextafter(lo, torch.full_like(lo, -torch.inf)), lo)
-    hi = torch.where(hi.double() < hi64, torch.nextafter(hi, torch.full_like(hi, torch.inf)), hi)
-    return lo, hi
 
 
 def _lines(x_lo: Tensor, x_hi: Tensor):
@@ -38,13 +30,13 @@ def _lines(x_lo: Tensor, x_hi: Tensor):
     d_lo = torch.where(off, lo64.unsqueeze(-2) - hi64.unsqueeze(-1), 0.0)  # [..., i, j] = l_j - u_i
     d_hi = torch.where(off, hi64.unsqueeze(-2) - lo64.unsqueeze(-1), 0.0)
     use = (d_hi <= MAX_DIFFERENCE).all(-1)  # (..., i)
-    d_lo, d_hi = _outward(d_lo.clamp(max=MAX_DIFFERENCE), d_hi.clamp(max=MAX_DIFFERENCE), dtype)
+    d_lo, d_hi = round_outward(d_lo.clamp(max=MAX_DIFFERENCE), d_hi.clamp(max=MAX_DIFFERENCE), dtype)
     exp_lines = exp_relaxation(d_lo, d_hi)
     # s_i's interval in float64 (widened for the sums' rounding); the diagonal term is exactly 1
     s_lo = (torch.exp(d_lo.double()) * off).sum(-1) + 1.0
     s_hi = (torch.exp(d_hi.double()) * off).sum(-1) + 1.0
     rel = (n + 4) * 2.0 ** -50
-    s_lo, s_hi = _outward((s_lo * (1 - rel)).clamp(min=1.0), s_hi * (1 + rel), dtype)
+    s_lo, s_hi = round_outward((s_lo * (1 - rel)).clamp(min=1.0), s_hi * (1 + rel), dtype)
     return exp_lines, reciprocal_relaxation(s_lo, s_hi), use, off
 
 
