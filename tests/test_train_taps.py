@@ -163,3 +163,10 @@ def test_trains_through_the_loop_with_batchnorm(method):
         assert all(not torch.equal(a, p) for a, p in zip(before, t.model.parameters()))
     finally:
         del architectures.ARCHITECTURES["tiny-bn"]
+
+
+@pytest.mark.parametrize("method", ["taps", "staps"])
+def test_a_domain_other_than_box_is_refused_before_the_step_works(method):
+    t = trainer(model="mlp", domain="crown-ibp")
+    with pytest.raises(VerikitError, match="box domain, not 'crown-ibp'"):
+        method_loss(t, method)

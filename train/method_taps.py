@@ -27,6 +27,7 @@ from torch import Tensor
 
 from verikit import ir
 from verikit.bounds import Box, BoundStore
+from verikit.domains.box import propagate_box
 from verikit.errors import VerikitError
 
 from .losses import certified_loss
@@ -151,14 +152,19 @@ def latent_pivots(tail: ir.Graph, lo: Tensor, hi: Tensor, y: Tensor, steps: int,
     return best_pts
 
 
-def taps_loss(step: StepInputs, region: Box, config: dict) -> StepLoss:
+def checked_split(step: StepInputs, config: dict) -> tuple[ir.Graph, ir.Graph]:
+    """The trainer's graph cut for TAPS, refused (before any work of the step) unless the run
+    bounds with the box domain, which the feature extractor's latent box comes from."""
     t = step.trainer
-    head, tail = split_graph(t.train_graph, config["pgd_layers"])
-    ctx = t.batch_norm_context(step.x, step.shard)
-    from verikit.domains.box import propagate_box
-
-    if t.domain is not None and t.domain.name != "box":
+    if t.domain.name != "box":
         raise VerikitError(f"taps/staps bound the feature extractor with the box domain, not {t.domain.name!r}")
+    return split_graph(t.train_graph, config["pgd_layers"])
+
+
+def taps_loss(step: StepInputs, region: Box, config: dict, parts: tuple[ir.Graph, ir.Graph]) -> StepLoss:
+    t = step.trainer
+    head, tail = parts
+    ctx = t.batch_norm_context(step.x, step.shard)
     head_store = propagate_box(head, region, ctx=ctx)
     latent = head_store[head.output]
     ibp = certified_loss(tail, t.domain, latent, step.y, t.num_classes, ctx)
@@ -208,8 +214,9 @@ class TapsMethod(_TapsBase):
     options = OPTIONS
 
     def loss(self, step: StepInputs) -> StepLoss:
+        parts = checked_split(step, self.config)
         ball = Box.linf_ball(step.x, step.eps, step.trainer.cfg.data_range)
-        return taps_loss(step, Box(ball.lo.detach(), ball.hi.detach()), self.config)
+        return taps_loss(step, Box(ball.lo.detach(), ball.hi.detach()), self.config, parts)
 
 
 @register_method
@@ -229,7 +236,8 @@ class StapsMethod(_TapsBase):
         self.check_fraction("lambda")
 
     def loss(self, step: StepInputs) -> StepLoss:
+        parts = checked_split(step, self.config)
         t = step.trainer
         region = select_region(t.model, step.x, step.y, step.eps, self.config["lambda"], t.cfg.data_range,
                                step.generator, step.shard)
-        return taps_loss(step, region, self.config)
+        return taps_loss(step, region, self.config, parts)
