@@ -74,6 +74,12 @@ def test_connector_gradients_follow_the_rectified_linear_rule(seed, c):
     assert torch.allclose(torch.autograd.grad(connect(lo_, hi_, pts, c)[:, 0].sum(), hi_)[0][1], torch.ones(5, dtype=torch.float64))
 
 
+def _pick_margins(logits, y, others):
+    """(B, k): y_label - y_others[j] in row j of each sample's (k, n) logits."""
+    B, k = others.shape
+    return logits.gather(2, y.view(B, 1, 1).expand(B, k, 1)).squeeze(2) - logits.gather(2, others[..., None]).squeeze(2)
+
+
 def _latent(tr, pgd_layers, eps=0.08):
     head, tail = split_graph(tr.train_graph, pgd_layers)
     x, y = tr.xtr[:16], tr.ytr[:16]
@@ -90,7 +96,7 @@ def test_latent_pgd_is_exact_on_one_linear_layer(tr):
     others = _others(y, 10)
     with torch.no_grad():
         logits = tail.forward(pts.flatten(0, 1)).reshape(16, 9, 10)
-        m = logits.gather(2, y.view(16, 1, 1).expand(16, 9, 1)).squeeze(2) - logits.gather(2, others[..., None]).squeeze(2)
+        m = _pick_margins(logits, y, others)
         ibp = certified_loss(tail, tr.domain, latent, y, 10).lower.gather(1, others)
     assert torch.allclose(m, ibp, rtol=1e-5, atol=1e-4)
 
@@ -102,10 +108,10 @@ def test_latent_points_stay_in_the_box_and_above_the_ibp_bound(tr):
     others = _others(y, 10)
     with torch.no_grad():
         logits = tail.forward(pts.flatten(0, 1)).reshape(16, 9, 10)
-        m = logits.gather(2, y.view(16, 1, 1).expand(16, 9, 1)).squeeze(2) - logits.gather(2, others[..., None]).squeeze(2)
+        m = _pick_margins(logits, y, others)
         ibp = certified_loss(tail, tr.domain, latent, y, 10).lower.gather(1, others)
         centre = tail.forward(latent.center).unsqueeze(1).expand(16, 9, 10)
-        mc = centre.gather(2, y.view(16, 1, 1).expand(16, 9, 1)).squeeze(2) - centre.gather(2, others[..., None]).squeeze(2)
+        mc = _pick_margins(centre, y, others)
     assert bool((m >= ibp - 1e-4).all())
     assert float((m < mc).float().mean()) > 0.9  # the search finds worse points than the box centre
 
