@@ -21,7 +21,7 @@ from bench_vs_lirpa import NETS, build_net  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 PHASES = ("refine_intermediate", "refine_node", "bound_rows", "lower_bound", "_affine_backward",
-          "_activation_backward", "_window_backward", "_linear_rows", "relaxation")
+          "_activation_backward", "_window_backward", "relaxation")
 
 
 def main():

@@ -63,7 +63,7 @@ def bound_rows_per_sample(engine, name: str, rows: Tensor) -> tuple[Tensor, Tens
     return torch.cat(lows, 1), torch.cat(highs, 1)
 
 
-def linear_rows(engine, node: ir.Node, rows: Tensor) -> Tensor:
+def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None) -> Tensor:
     """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
     product: the coefficients on its input are just the selected weight rows. `rows`: (k,)
     for every sample, or (B, k) per sample."""
@@ -75,7 +75,7 @@ def linear_rows(engine, node: ir.Node, rows: Tensor) -> Tensor:
     else:
         take = lambda t: t.expand(B, -1).gather(1, rows)
         w = w.gather(1, rows.unsqueeze(-1).expand(-1, -1, w.shape[-1])) if w.dim() == 3 else w[rows]
-    lb = engine.lower_bound(node.inputs[0], torch.cat([w, -w], 1))
+    lb = engine.lower_bound(node.inputs[0], torch.cat([w, -w], 1), stop=stop)
     if b is not None:
         b = take(b)
         lb = lb + torch.cat([b, -b], 1)
