@@ -40,10 +40,14 @@ from . import forward_windows as fw
 _LINEAR_AS_IS = (ir.AvgPool2d, ir.GlobalAvgPool, ir.Reshape, ir.Transpose, ir.Concat, ir.Add)
 # the pre-screen's coefficient tensors (B, K, *shape) of the largest node may use this many bytes
 MEMORY_BUDGET = 512 * 2 ** 20
-# hybrid bounds: the rows of a node are back-substituted through this many activation layers,
-# then the forward functions of the pre-activation node there take over (measured on CNN7: 2
-# leaves 573 of 4148 rows of its 5th layer unstable for 2.7 s, 1 leaves more, 3 costs more)
+# hand-over: the rows of a node are back-substituted through this many activation layers,
+# then the forward functions of the pre-activation node there take over (measured on CNN7:
+# 2 leaves 573 of its 5th conv's 4148 rows unstable, 1 leaves all 506 of its Linear's, 3
+# costs more)
 STOP_BACK = 2
+# ... and only to a node with at least this many pre-activation nodes below it (CNN7: the
+# hand-over at its 2nd and 3rd conv layer costs as much as back-substituting to the input)
+MIN_BELOW_STOP = 2
 # the pre-screen runs when the interval bounds leave more unstable rows than this many times
 # the input size (its cost is about that of back-substituting one row per input coordinate)
 ROWS_PER_INPUT = 8
@@ -125,29 +129,29 @@ class ForwardBounds:
                 self.uses[src] = self.uses.get(src, 0) + 1
 
     @staticmethod
-    def worthwhile(engine, nodes: list, force: bool = False) -> bool:
-        """Can the pre-screen run (supported ops, not float-sound, not under autograd, within the
-        memory budget), and will it pay (`force`: whenever it can)? It pays when the interval
-        bounds leave more unstable rows to back-substitute than ROWS_PER_INPUT times the input
-        size (measured: CNN7 at batch 1, 80 times, 3x faster; MLPs and small CNNs, about 1
-        time, up to 3x slower with it)."""
+    def samples_per_pass(engine, nodes: list, force: bool = False) -> int:
+        """How many samples one pre-screen pass may carry within the memory budget, or 0 where
+        it cannot run (unsupported ops, the float-sound mode, under autograd) or would not pay
+        (`force`: whenever it can). It pays when the interval bounds leave more unstable rows
+        to back-substitute than ROWS_PER_INPUT times the input size (measured: CNN7 at batch
+        1, 80 times, 3-5x faster; MLPs and small CNNs, about 1 time, up to 3x slower with it)."""
         graph = engine.graph
         if not nodes or engine.errors or engine.differentiable or torch.is_grad_enabled():
-            return False
+            return 0
         if not supported(graph, nodes[-1]):
-            return False
+            return 0
         K = math.prod(graph.shapes[graph.input_name])
         last = engine.position[nodes[-1]]
         widest = max(math.prod(graph.shapes[n.name]) for n in graph.nodes[: last + 1])
-        if engine.batch * K * widest * engine.store[graph.input_name].lo.element_size() > MEMORY_BUDGET:
-            return False
-        if force:
-            return True
-        unstable = 0
-        for name in nodes:
-            b = engine.store[name]
-            unstable += int(((b.lo < 0) & (b.hi > 0)).any(0).sum())
-        return unstable > ROWS_PER_INPUT * K
+        per_sample = K * widest * engine.store[graph.input_name].lo.element_size()  # dense coefficients
+        if not force:
+            unstable = 0
+            for name in nodes:
+                b = engine.store[name]
+                unstable += int(((b.lo < 0) & (b.hi > 0)).any(0).sum())
+            if unstable <= ROWS_PER_INPUT * K:
+                return 0
+        return int(min(engine.batch, MEMORY_BUDGET // per_sample))
 
     def bounds(self, name: str) -> Box:
         """Forward-mode bounds of node `name` (a pre-activation node; advancing through every
@@ -179,9 +183,10 @@ class ForwardBounds:
     def stop_for(self, name: str) -> Optional[str]:
         """The pre-activation node STOP_BACK activation layers below `name` where its rows'
         back-substitution may hand over to the forward functions (None: not deep enough)."""
-        i = self.nodes.index(name)
-        stop = self.nodes[i - STOP_BACK] if i >= STOP_BACK else None
-        return stop if stop in self.states else None
+        i = self.nodes.index(name) - STOP_BACK
+        if i < MIN_BELOW_STOP:  # the back-substitution below would be about as cheap
+            return None
+        return self.nodes[i] if self.nodes[i] in self.states else None
 
     def _step(self, node: ir.Node) -> _Linear:
         ins = [self.states[i] for i in node.inputs]
@@ -241,7 +246,12 @@ class ForwardBounds:
         """min over the lower/upper functions of node `name` of <lam, x>, as a linear function of
         e: (const (B, m), coefficients (B, m, K)); lam is (B, m, *shape) or a Window. The
         minimum of <lam, x> over L <= x <= U is <lam, M> - <|lam|, D>."""
-        s = self.states[name] = self._dense(self.states[name])  # its consumers are past: dense from now
+        s = self.states[name]
+        if isinstance(s, fw.Tiled):
+            if hasattr(lam, "region"):  # a window of the map: the tiles it overlaps only
+                return fw.contract(s, lam.lam, lam.top, lam.left, self.K)
+            # whole maps: one product with the dense coefficients beats a product per tile
+            s = self.states[name] = self._dense(s)
         mc, dc, m0, d0 = s.mc, s.dc, s.m0, s.d0
         if hasattr(lam, "region"):  # a Window: the coefficient maps' window only
             t, l = lam.top, lam.left

@@ -201,3 +201,32 @@ def add(states: list, m0: Tensor, d0: Optional[Tensor]) -> Tiled:
 
 def tile_count(shape: tuple) -> int:
     return math.prod(side // TILE for side in shape[-2:])
+
+
+def contract(s: Tiled, lam: Tensor, top: int, left: int, K: int) -> tuple[Tensor, Tensor]:
+    """<lam, M> - <|lam|, D> for coefficients lam (B, m, C, hh, ww) placed at (top, left) of the
+    node's map: (const (B, m), coefficients on e (B, m, K)), tile by tile over the overlaps of
+    lam with each tile's window."""
+    B, m, C, hh, ww = lam.shape
+    h, w = s.mc.shape[-2:]
+    mag = lam.abs() if s.dc is not None or s.d0 is not None else None
+    coef = lam.new_zeros(B, m, K)
+    for g, (a, b) in enumerate(zip(s.tops, s.lefts)):
+        r0, r1 = max(top, a), min(top + hh, a + h)
+        c0, c1 = max(left, b), min(left + ww, b + w)
+        if r0 >= r1 or c0 >= c1:
+            continue
+        part = lam[..., r0 - top: r1 - top, c0 - left: c1 - left].reshape(B, m, -1)
+        mc = s.mc[:, g, :, :, r0 - a: r1 - a, c0 - b: c1 - b].reshape(B, -1, part.shape[-1])
+        got = torch.bmm(part, mc.transpose(1, 2))
+        if s.dc is not None:
+            mag_g = mag[..., r0 - top: r1 - top, c0 - left: c1 - left].reshape(B, m, -1)
+            dc = s.dc[:, g, :, :, r0 - a: r1 - a, c0 - b: c1 - b].reshape(B, -1, part.shape[-1])
+            got = got - torch.bmm(mag_g, dc.transpose(1, 2))
+        coef[:, :, s.index[g]] += got
+    region = lambda t: t[..., top: top + hh, left: left + ww].reshape(B, 1, -1)
+    flat = lam.reshape(B, m, -1)
+    const = (flat * region(s.m0)).sum(-1)
+    if s.d0 is not None:
+        const = const - (mag.reshape(B, m, -1) * region(s.d0)).sum(-1)
+    return const, coef

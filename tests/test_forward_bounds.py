@@ -165,8 +165,9 @@ def test_windowed_conv_matches_dense_on_every_geometry():
     assert checked >= 6
 
 
-def test_hand_over_to_forward_functions_is_sound():
+def test_hand_over_to_forward_functions_is_sound(monkeypatch):
     """lower_bound(..., stop=node): back-substitution down to `node`, then its forward functions."""
+    monkeypatch.setattr(fb, "MIN_BELOW_STOP", 0)
     graph, shape = GRAPHS["conv"]
     box = bg.input_box(torch.Generator().manual_seed(7), shape, batch=2, width=0.3)
     with torch.no_grad():
@@ -196,6 +197,7 @@ def _crown(graph, box, prescreen):
 @pytest.mark.parametrize("name", list(GRAPHS))
 @pytest.mark.parametrize("width", [0.05, 0.3])
 def test_crown_with_prescreen_is_sound_and_never_looser(name, width, monkeypatch):
+    monkeypatch.setattr(fb, "MIN_BELOW_STOP", 0)  # hand over even on these shallow nets
     graph, shape = GRAPHS[name]
     box = bg.input_box(torch.Generator().manual_seed(5), shape, batch=3, width=width)
     handed_over = []
@@ -209,7 +211,7 @@ def test_crown_with_prescreen_is_sound_and_never_looser(name, width, monkeypatch
     monkeypatch.setattr(lb.LinearBoundEngine, "lower_bound", spy)
     lo, hi = _crown(graph, box, True)
     if name not in ("mlp", "conv-tanh") and width == 0.3:  # (Tanh rows are all bounded in full)
-        assert handed_over  # the flat rows' hand-over to the forward functions ran (fc)
+        assert handed_over  # the hand-over to the forward functions ran
     lo0, hi0 = _crown(graph, box, False)
     tol = 1e-9 * (1 + lo0.abs())
     assert bool((lo >= lo0 - tol).all()) and bool((hi <= hi0 + 1e-9 * (1 + hi0.abs())).all())
@@ -224,13 +226,13 @@ def test_prescreen_runs_only_where_it_pays(monkeypatch):
     with torch.no_grad():
         wide = lb.LinearBoundEngine(graph, propagate_box(graph, bg.input_box(gen, shape, batch=1, width=2.0)))
         narrow = lb.LinearBoundEngine(graph, propagate_box(graph, bg.input_box(gen, shape, batch=1, width=1e-4)))
-        assert fb.ForwardBounds.worthwhile(wide, wide.preactivation_nodes())  # most of its rows unstable
-        assert not fb.ForwardBounds.worthwhile(narrow, narrow.preactivation_nodes())
-        assert fb.ForwardBounds.worthwhile(narrow, narrow.preactivation_nodes(), force=True)
+        assert fb.ForwardBounds.samples_per_pass(wide, wide.preactivation_nodes()) == 1  # most rows unstable
+        assert fb.ForwardBounds.samples_per_pass(narrow, narrow.preactivation_nodes()) == 0
+        assert fb.ForwardBounds.samples_per_pass(narrow, narrow.preactivation_nodes(), force=True) == 1
         narrow.errors = {"conv0": torch.zeros(1)}  # the float-sound mode never uses it
-        assert not fb.ForwardBounds.worthwhile(narrow, narrow.preactivation_nodes(), force=True)
+        assert fb.ForwardBounds.samples_per_pass(narrow, narrow.preactivation_nodes(), force=True) == 0
     # under autograd (training domains) it does not run either
-    assert not fb.ForwardBounds.worthwhile(wide, wide.preactivation_nodes(), force=True)
+    assert fb.ForwardBounds.samples_per_pass(wide, wide.preactivation_nodes(), force=True) == 0
 
 
 @pytest.mark.parametrize("node", ["aff1", "conv2"])
@@ -261,7 +263,7 @@ def test_prescreen_on_the_engine_test_graphs(name):
     with torch.no_grad():
         store = propagate_box(graph, box)
         engine = lb.LinearBoundEngine(graph, store)
-        can = fb.ForwardBounds.worthwhile(engine, engine.preactivation_nodes(), force=True)
+        can = fb.ForwardBounds.samples_per_pass(engine, engine.preactivation_nodes(), force=True) > 0
     if not can:
         assert not fb.supported(graph, engine.preactivation_nodes()[-1])  # only unsupported ops stop it
         return
@@ -270,3 +272,37 @@ def test_prescreen_on_the_engine_test_graphs(name):
     assert bool((lo >= lo0 - 1e-9 * (1 + lo0.abs())).all()) and bool((hi <= hi0 + 1e-9 * (1 + hi0.abs())).all())
     out = _values(graph, _samples(box))[graph.output].flatten(2)
     assert bool((out.amin(0) >= lo - 1e-9).all()) and bool((out.amax(0) <= hi + 1e-9).all())
+
+
+def test_contract_of_a_window_equals_the_dense_coefficients():
+    """A Window of coefficients at an offset, contracted tile by tile, gives the same function
+    of e as the same coefficients placed in a full map."""
+    graph, shape = GRAPHS["conv"]
+    box = bg.input_box(torch.Generator().manual_seed(12), shape, batch=2, width=1.0)
+    _, forward = _forward_all(graph, box)
+    assert isinstance(forward.states["aff1"], fw.Tiled)
+    C, H, W = graph.shapes["aff1"]
+    part = torch.randn(2, 4, C, 3, 2, generator=torch.Generator().manual_seed(13), dtype=DT)
+    full = torch.zeros(2, 4, C, H, W, dtype=DT)
+    full[..., 1:4, 2:4] = part
+    got = forward.contract("aff1", lb.Window(part, 1, 2))
+    want = forward.contract("aff1", full)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_batches_beyond_the_memory_budget_go_in_groups(monkeypatch):
+    """Where only a few samples' coefficients fit, the batch is refined group by group: each
+    sample's bounds are then those of its group alone, sound and never looser than without."""
+    graph, shape = GRAPHS["conv"]
+    box = bg.input_box(torch.Generator().manual_seed(14), shape, batch=5, width=0.3)
+    per_sample = 288 * 4 * 12 * 12 * 8  # K * widest node * float64
+    monkeypatch.setattr(fb, "MEMORY_BUDGET", 2 * per_sample)
+    lo, hi = _crown(graph, box, True)
+    lo0, hi0 = _crown(graph, box, False)
+    assert bool((lo >= lo0 - 1e-9 * (1 + lo0.abs())).all()) and bool((hi <= hi0 + 1e-9 * (1 + hi0.abs())).all())
+    for start in (0, 2, 4):
+        part = Box(box.lo[start:start + 2], box.hi[start:start + 2])
+        glo, ghi = _crown(graph, part, True)
+        torch.testing.assert_close(lo[start:start + 2], glo, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(hi[start:start + 2], ghi, rtol=1e-12, atol=1e-12)
