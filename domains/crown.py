@@ -22,7 +22,7 @@ from verikit.spec import Spec, fold_spec
 from .base import Domain, DomainResult, register_domain
 from .deeppoly import DEFAULT_MAX_ROWS
 from .guard import engine_guard
-from .linear_bounds import LinearBoundEngine, finish, output_bounds, prepare
+from .linear_bounds import LinearBoundEngine, finish, output_bounds, prepare, prescreen_setting
 from .s_shaped import TangentParameters
 
 # domain option -> command-line flag, for CLIs that expose this domain's options
@@ -76,7 +76,7 @@ class CrownDomain(Domain):
     differentiable = False
     float_sound = True
     options = {"alpha_steps": 0, "alpha_lr": 0.1, "max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True,
-               "sound": False}
+               "sound": False, "forward_prescreen": "auto"}
 
     def __init__(self, **options):
         super().__init__(**options)
@@ -85,6 +85,7 @@ class CrownDomain(Domain):
             raise VerikitError(f"alpha_steps must be a non-negative integer, got {steps!r}")
         if not isinstance(lr, (int, float)) or not lr > 0:
             raise VerikitError(f"alpha_lr must be a positive number, got {lr!r}")
+        self.prescreen = prescreen_setting(self.config["forward_prescreen"])
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
         errors = None
@@ -96,7 +97,7 @@ class CrownDomain(Domain):
             folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "crown", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"], errors)
+                             self.config["spatial_windows"], errors, forward_prescreen=self.prescreen)
             raw_lo, raw_hi = output_bounds(engine)
         info = {"crown_lower": raw_lo, "rows_bounded": engine.rows_bounded}
         if self.config["alpha_steps"] > 0:

@@ -13,7 +13,7 @@ from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
 from .guard import engine_guard
-from .linear_bounds import finish, output_bounds, prepare
+from .linear_bounds import finish, output_bounds, prepare, prescreen_setting
 
 DEFAULT_MAX_ROWS = 4096
 
@@ -25,7 +25,12 @@ class DeepPolyDomain(Domain):
     complete = False
     differentiable = False
     float_sound = True
-    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True, "sound": False}
+    options = {"max_rows_per_chunk": DEFAULT_MAX_ROWS, "spatial_windows": True, "sound": False,
+               "forward_prescreen": "auto"}
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        self.prescreen = prescreen_setting(self.config["forward_prescreen"])
 
     def bound(self, graph, inputs, spec: Optional[Spec] = None, store=None, ctx=None) -> DomainResult:
         errors = None
@@ -37,7 +42,7 @@ class DeepPolyDomain(Domain):
             folded = fold_spec(graph, spec)
         with torch.no_grad():
             engine = prepare(folded, inputs, store, ctx, "deeppoly", self.config["max_rows_per_chunk"],
-                             self.config["spatial_windows"], errors)
+                             self.config["spatial_windows"], errors, forward_prescreen=self.prescreen)
             raw_lo, raw_hi = output_bounds(engine)
         lo, hi = finish(engine, raw_lo, raw_hi)
         info = {"backsub_lower": raw_lo, "rows_bounded": engine.rows_bounded}

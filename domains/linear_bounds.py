@@ -564,6 +564,15 @@ def output_bounds(engine: LinearBoundEngine, upper: bool = True) -> tuple[Tensor
     return engine.lower_bound(name, lam), None
 
 
+def prescreen_setting(value) -> Optional[bool]:
+    """The domains' `forward_prescreen` option: "auto" (where it pays) -> None, "on"/True ->
+    True (wherever it can run), "off"/False -> False."""
+    table = {"auto": None, "on": True, "off": False, True: True, False: False}
+    if isinstance(value, (str, bool)) and value in table:
+        return table[value]
+    raise VerikitError(f"forward_prescreen must be auto, on or off, got {value!r}")
+
+
 def prepare(graph: ir.Graph, inputs: Box, store: Optional[BoundStore], ctx, variant: str,
             max_rows_per_chunk: int, spatial_windows: bool = True, errors: Optional[dict] = None,
             fast_paths: bool = True, per_sample_rows: bool = False,

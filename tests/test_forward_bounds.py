@@ -306,3 +306,16 @@ def test_batches_beyond_the_memory_budget_go_in_groups(monkeypatch):
         glo, ghi = _crown(graph, part, True)
         torch.testing.assert_close(lo[start:start + 2], glo, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(hi[start:start + 2], ghi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("domain", ["crown", "deeppoly"])
+def test_domain_option_switches_the_prescreen(domain):
+    from verikit.domains import get_domain
+    from verikit.errors import VerikitError
+    graph, shape = GRAPHS["conv"]
+    box = bg.input_box(torch.Generator().manual_seed(15), shape, batch=2, width=0.3)
+    res = {s: get_domain(domain, forward_prescreen=s).bound(graph, box) for s in ("on", "off", False)}
+    assert res["on"].info["rows_bounded"] < res["off"].info["rows_bounded"] == res[False].info["rows_bounded"]
+    assert bool((res["on"].lower >= res["off"].lower - 1e-9 * (1 + res["off"].lower.abs())).all())
+    with pytest.raises(VerikitError, match="forward_prescreen must be auto, on or off"):
+        get_domain(domain, forward_prescreen="sometimes")
