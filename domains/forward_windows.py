@@ -13,7 +13,6 @@ element-wise activations), is turned dense.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,14 +62,16 @@ def initial(box_center: Tensor, radius: Tensor) -> Optional[Tiled]:
     return Tiled(mc, None, box_center, None, tops, lefts, index, (C, H, W))
 
 
+def _margins(s: Tiled, h: int, w: int, H: int, W: int) -> tuple[int, int, int, int]:
+    """How far (top, left, bottom, right) the tiles' (h, w) windows reach past an (H, W) map."""
+    return (max(0, -min(s.tops)), max(0, -min(s.lefts)), max(0, max(s.tops) + h - H), max(0, max(s.lefts) + w - W))
+
+
 def _windows_of(t: Tensor, s: Tiled, h: int, w: int) -> Tensor:
     """(B', C', h, w) windows of a dense (B', C', H, W) map at every tile: (B', G, C', h, w),
     zero outside the map."""
     H, W = t.shape[-2:]
-    top = max(0, -min(s.tops))
-    left = max(0, -min(s.lefts))
-    bottom = max(0, max(s.tops) + h - H)
-    right = max(0, max(s.lefts) + w - W)
+    top, left, bottom, right = _margins(s, h, w, H, W)
     p = F.pad(t, (left, right, top, bottom))
     return torch.stack([p[..., a + top: a + top + h, b + left: b + left + w] for a, b in zip(s.tops, s.lefts)], 1)
 
@@ -79,9 +80,8 @@ def _sum_windows(win: Tensor, s: Tiled, shape: tuple) -> Tensor:
     """Add per-tile windows (B, G, C, h, w) into a dense (B, C, H, W) map (cropping)."""
     B, G, C, h, w = win.shape
     H, W = shape[-2:]
-    top = max(0, -min(s.tops))
-    left = max(0, -min(s.lefts))
-    out = win.new_zeros(B, C, H + top + max(0, max(s.tops) + h - H), W + left + max(0, max(s.lefts) + w - W))
+    top, left, bottom, right = _margins(s, h, w, H, W)
+    out = win.new_zeros(B, C, H + top + bottom, W + left + right)
     for g, (a, b) in enumerate(zip(s.tops, s.lefts)):
         out[..., a + top: a + top + h, b + left: b + left + w] += win[:, g]
     return out[..., top: top + H, left: left + W]
@@ -93,9 +93,8 @@ def densify(s: Tiled, t: Optional[Tensor], K: int) -> Optional[Tensor]:
         return None
     B, G, Kg, C, h, w = t.shape
     _, H, W = s.shape
-    top = max(0, -min(s.tops))
-    left = max(0, -min(s.lefts))
-    big = t.new_zeros(B, K, C, H + top + max(0, max(s.tops) + h - H), W + left + max(0, max(s.lefts) + w - W))
+    top, left, bottom, right = _margins(s, h, w, H, W)
+    big = t.new_zeros(B, K, C, H + top + bottom, W + left + right)
     for g, (a, b) in enumerate(zip(s.tops, s.lefts)):
         big[:, s.index[g], :, a + top: a + top + h, b + left: b + left + w] = t[:, g]
     return big[..., top: top + H, left: left + W]
@@ -198,9 +197,6 @@ def add(states: list, m0: Tensor, d0: Optional[Tensor]) -> Tiled:
     dc = sum(dcs) if dcs else None
     return Tiled(mc, dc, m0, d0, first.tops, first.lefts, first.index, first.shape)
 
-
-def tile_count(shape: tuple) -> int:
-    return math.prod(side // TILE for side in shape[-2:])
 
 
 def contract(s: Tiled, lam: Tensor, top: int, left: int, K: int) -> tuple[Tensor, Tensor]:
