@@ -149,15 +149,7 @@ def claim(name: str) -> bool:
 
 def run(threads: int, log) -> None:
     torch.set_num_threads(threads)
-    # everything imported now: edits to the source tree during an hours-long campaign cannot mix in
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import results_table  # noqa: F401
-    import verikit.train.export  # noqa: F401
-    import verikit.train.loop  # noqa: F401
-    from verikit.domains import available_domains
-    from verikit.train.methods import available_methods
-
-    available_domains(), available_methods()
+    _import_everything()
     os.makedirs(RECORDS, exist_ok=True)
     for job in jobs():
         name = run_name(job["method"], job["eps"], job["seed"], job["lam"])
@@ -180,23 +172,58 @@ def run(threads: int, log) -> None:
         log(f"[{time.strftime('%H:%M:%S')}] {name}: {_summary(rec)}")
 
 
-def recertify(images: int, chain_images: int, runs: list, threads: int, log) -> None:
+def _import_everything() -> None:
+    """Import the code a campaign runs before it starts: edits to the source tree during an
+    hours-long campaign cannot then mix into it."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import results_table  # noqa: F401
+    import verikit.train.export  # noqa: F401
+    import verikit.train.loop  # noqa: F401
+    from verikit.domains import available_domains
+    from verikit.train.methods import available_methods
+
+    available_domains(), available_methods()
+
+
+def job_of(rec: dict) -> dict:
+    """The job that produced a record (the λ of a sweep run is in its name)."""
+    lam = rec["options"]["lambda"] if "-lam" in rec["name"] else None
+    return {"method": rec["registry_method"], "eps": rec["eps"], "seed": rec["seed"], "lam": lam}
+
+
+def recertify(images: int, chain_images: int, runs: list, threads: int, log, retrain: bool = False,
+              methods: tuple = ()) -> None:
     """Certify every recorded run's model again on more test images, with the same protocol:
     box and box,crown on the first `images`, the full chain on the first `chain_images`. The
     result goes into the record under "large"; records that have it are skipped (resumable, and
-    two workers share the queue by claims)."""
+    two workers share the queue by claims). With `retrain`, a model whose ONNX file is gone is
+    trained again from its record's configuration (training is bit-reproducible for a seed);
+    whether the retrained model reproduced the record's last-epoch evaluation is stored."""
     torch.set_num_threads(threads)
-    for rec in load_records():
+    _import_everything()
+    order = {m: i for i, m in enumerate(methods)}
+    recs = [r for r in load_records() if not methods or r["registry_method"] in order]
+    for rec in sorted(recs, key=lambda r: (order.get(r["registry_method"], 0), "-lam" in r["name"], r["name"])):
         done = rec.get("large", {})
         if done.get("certified_images") == images and done.get("chain_images") == chain_images:
             continue
         onnx = next((p for p in (os.path.join(d, rec["name"], "model.onnx") for d in runs) if os.path.exists(p)), None)
-        if onnx is None:
+        if onnx is None and not retrain:
             log(f"{rec['name']}: no model.onnx under {', '.join(runs)}; skipped")
             continue
         if not claim(f"{rec['name']}.recertify-{images}-{chain_images}"):
             continue
+        reproduced = None
+        if onnx is None:
+            log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: model gone; training it again")
+            tr = train_one(job_of(rec), log)
+            onnx = tr["onnx"]
+            again = {k: tr["last_epoch"][k] for k in rec["train_eval_last_epoch"]}
+            reproduced = again == rec["train_eval_last_epoch"]
+            log(f"  {rec['name']}: last-epoch evaluation {'reproduced' if reproduced else 'DIFFERS'}: {again}")
         rec["large"] = cert_figures(certify_one(onnx, rec["eps"], images, chain_images))
+        if reproduced is not None:
+            rec["large"]["retrained_model_reproduced_record"] = reproduced
         _write_record(rec)
         log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: {_summary(rec['large'])}")
 
@@ -389,6 +416,8 @@ def main():
     rc.add_argument("--chain-images", type=int, default=100, help="the full chain on the first N")
     rc.add_argument("--runs", default=RUNS, help="comma list of run directories holding <run>/model.onnx")
     rc.add_argument("--threads", type=int, default=1)
+    rc.add_argument("--retrain", action="store_true", help="train a model whose model.onnx is gone again")
+    rc.add_argument("--methods", default="", help="comma list of registry methods, in the order to do them")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)
     if args.cmd == "run":
@@ -398,7 +427,8 @@ def main():
                     os.remove(os.path.join(RUNS, f))
         run(args.threads, log)
     elif args.cmd == "recertify":
-        recertify(args.images, args.chain_images, args.runs.split(","), args.threads, log)
+        recertify(args.images, args.chain_images, args.runs.split(","), args.threads, log, args.retrain,
+                  tuple(m for m in args.methods.split(",") if m))
     elif args.cmd == "ship":
         ship(load_records(), log)
     else:
