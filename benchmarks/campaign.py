@@ -192,13 +192,14 @@ def job_of(rec: dict) -> dict:
 
 
 def recertify(images: int, chain_images: int, runs: list, threads: int, log, retrain: bool = False,
-              methods: tuple = ()) -> None:
+              methods: tuple = (), train_threads: int = 2) -> None:
     """Certify every recorded run's model again on more test images, with the same protocol:
     box and box,crown on the first `images`, the full chain on the first `chain_images`. The
     result goes into the record under "large"; records that have it are skipped (resumable, and
     two workers share the queue by claims). With `retrain`, a model whose ONNX file is gone is
     trained again from its record's configuration (training is bit-reproducible for a seed);
-    whether the retrained model reproduced the record's last-epoch evaluation is stored."""
+    whether the retrained model reproduced the record's last-epoch evaluation is stored. The v2
+    records were reproduced with 2 intra-op threads (1 thread rounds the IBP step differently)."""
     torch.set_num_threads(threads)
     _import_everything()
     order = {m: i for i, m in enumerate(methods)}
@@ -216,7 +217,9 @@ def recertify(images: int, chain_images: int, runs: list, threads: int, log, ret
         reproduced = None
         if onnx is None:
             log(f"[{time.strftime('%H:%M:%S')}] {rec['name']}: model gone; training it again")
+            torch.set_num_threads(train_threads)
             tr = train_one(job_of(rec), log)
+            torch.set_num_threads(threads)
             onnx = tr["onnx"]
             again = {k: tr["last_epoch"][k] for k in rec["train_eval_last_epoch"]}
             reproduced = again == rec["train_eval_last_epoch"]
@@ -417,6 +420,7 @@ def main():
     rc.add_argument("--runs", default=RUNS, help="comma list of run directories holding <run>/model.onnx")
     rc.add_argument("--threads", type=int, default=1)
     rc.add_argument("--retrain", action="store_true", help="train a model whose model.onnx is gone again")
+    rc.add_argument("--train-threads", type=int, default=2, help="torch threads while retraining")
     rc.add_argument("--methods", default="", help="comma list of registry methods, in the order to do them")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)
@@ -428,7 +432,7 @@ def main():
         run(args.threads, log)
     elif args.cmd == "recertify":
         recertify(args.images, args.chain_images, args.runs.split(","), args.threads, log, args.retrain,
-                  tuple(m for m in args.methods.split(",") if m))
+                  tuple(m for m in args.methods.split(",") if m), args.train_threads)
     elif args.cmd == "ship":
         ship(load_records(), log)
     else:
