@@ -26,6 +26,7 @@ def trainer(model="cnn-small", **kw):
 def method_loss(tr, name, eps=0.08, seed=3, **options):
     """The method's loss on the trainer's first batch, the attack's random start fixed by `seed`."""
     m = get_method(name, "mnist", 0.1, **options)
+    m.setup(tr)  # as the Trainer does before any step
     tr.model.train()
     gen = torch.Generator().manual_seed(seed)
     return m.loss(StepInputs(tr, tr.xtr[:32], tr.ytr[:32], eps, 0.1, 1, gen))

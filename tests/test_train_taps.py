@@ -172,7 +172,22 @@ def test_trains_through_the_loop_with_batchnorm(method):
 
 
 @pytest.mark.parametrize("method", ["taps", "staps"])
-def test_a_domain_other_than_box_is_refused_before_the_step_works(method):
-    t = trainer(model="mlp", domain="crown-ibp")
+def test_a_domain_other_than_box_is_refused_at_start_up(method):
     with pytest.raises(VerikitError, match="box domain, not 'crown-ibp'"):
-        method_loss(t, method)
+        trainer(model="mlp", domain="crown-ibp", method=method)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "taps", "--domain", "crown-ibp"], "box domain, not 'crown-ibp'"),
+    (["--method", "staps", "--method-option", "pgd_layers=9"], "pgd_layers"),
+])
+def test_the_cli_refuses_a_run_taps_cannot_train_before_training(tmp_path, args, message):
+    from click.testing import CliRunner
+    from verikit.cli import main
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", "--model", "mlp", "--epochs", "1", "--train-samples", "64",
+                                    "--out", str(out), "--quiet"] + args)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+    assert not (out / "metrics.csv").exists()  # refused before the first epoch

@@ -118,6 +118,7 @@ class Trainer:
             self.train_graph = with_relu_shrinking(self.graph, self.cfg.relu_shrink)
         self.method = get_method(self.cfg.method, self.cfg.dataset, self.cfg.eps, **self.cfg.method_options)
         self.domain = get_training_domain(self.cfg.domain) if self.method.uses_domain else None
+        self.method.setup(self)
         self.has_bn = _has_batchnorm(self.model)
         self.bn_pairs = _batchnorm_pairs(self.model, self.train_graph)
         if dist is not None:

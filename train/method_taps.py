@@ -152,13 +152,12 @@ def latent_pivots(tail: ir.Graph, lo: Tensor, hi: Tensor, y: Tensor, steps: int,
     return best_pts
 
 
-def checked_split(step: StepInputs, config: dict) -> tuple[ir.Graph, ir.Graph]:
-    """The trainer's graph cut for TAPS, refused (before any work of the step) unless the run
-    bounds with the box domain, which the feature extractor's latent box comes from."""
-    t = step.trainer
-    if t.domain.name != "box":
-        raise VerikitError(f"taps/staps bound the feature extractor with the box domain, not {t.domain.name!r}")
-    return split_graph(t.train_graph, config["pgd_layers"])
+def checked_split(trainer, config: dict) -> tuple[ir.Graph, ir.Graph]:
+    """The trainer's graph cut for TAPS, refused unless the run bounds with the box domain, which
+    the feature extractor's latent box comes from (the methods' `setup` runs it at start-up)."""
+    if trainer.domain.name != "box":
+        raise VerikitError(f"taps/staps bound the feature extractor with the box domain, not {trainer.domain.name!r}")
+    return split_graph(trainer.train_graph, config["pgd_layers"])
 
 
 def taps_loss(step: StepInputs, region: Box, config: dict, parts: tuple[ir.Graph, ir.Graph]) -> StepLoss:
@@ -205,6 +204,9 @@ class _TapsBase(TrainingMethod):
         if c["alpha"] <= 0:
             raise VerikitError(f"method {self.name!r}: option alpha must be positive, got {c['alpha']}")
 
+    def setup(self, trainer):
+        self.parts = checked_split(trainer, self.config)  # the cut is fixed: made once, checked at start-up
+
 
 @register_method
 class TapsMethod(_TapsBase):
@@ -214,9 +216,8 @@ class TapsMethod(_TapsBase):
     options = OPTIONS
 
     def loss(self, step: StepInputs) -> StepLoss:
-        parts = checked_split(step, self.config)
         ball = Box.linf_ball(step.x, step.eps, step.trainer.cfg.data_range)
-        return taps_loss(step, Box(ball.lo.detach(), ball.hi.detach()), self.config, parts)
+        return taps_loss(step, Box(ball.lo.detach(), ball.hi.detach()), self.config, self.parts)
 
 
 @register_method
@@ -236,8 +237,7 @@ class StapsMethod(_TapsBase):
         self.check_fraction("lambda")
 
     def loss(self, step: StepInputs) -> StepLoss:
-        parts = checked_split(step, self.config)
         t = step.trainer
         region = select_region(t.model, step.x, step.y, step.eps, self.config["lambda"], t.cfg.data_range,
                                step.generator, step.shard)
-        return taps_loss(step, region, self.config, parts)
+        return taps_loss(step, region, self.config, self.parts)

@@ -124,6 +124,11 @@ class TrainingMethod(ABC):
             if not 0.0 <= self.config[n] <= 1.0:
                 raise VerikitError(f"method {self.name!r}: option {n} must lie in [0, 1], got {self.config[n]}")
 
+    def setup(self, trainer) -> None:
+        """Called once by the Trainer after its model, graph and domain exist, before any step:
+        raise VerikitError for a run this method cannot train (override), so a bad combination
+        fails at start-up with exit 2, not an epoch later."""
+
     @abstractmethod
     def loss(self, step: StepInputs) -> StepLoss:
         """The training loss of one batch (ε > 0; the loop trains plainly while ε = 0)."""
