@@ -192,14 +192,15 @@ def job_of(rec: dict) -> dict:
 
 
 def recertify(images: int, chain_images: int, runs: list, threads: int, log, retrain: bool = False,
-              methods: tuple = (), train_threads: int = 2) -> None:
+              methods: tuple = (), train_threads: int = 1) -> None:
     """Certify every recorded run's model again on more test images, with the same protocol:
     box and box,crown on the first `images`, the full chain on the first `chain_images`. The
     result goes into the record under "large"; records that have it are skipped (resumable, and
     two workers share the queue by claims). With `retrain`, a model whose ONNX file is gone is
     trained again from its record's configuration (training is bit-reproducible for a seed);
-    whether the retrained model reproduced the record's last-epoch evaluation is stored. The v2
-    records were reproduced with 2 intra-op threads (1 thread rounds the IBP step differently)."""
+    whether the retrained model reproduced the record's last-epoch evaluation is stored (training
+    repeats bit for bit at one thread count, but the float rounding of its reductions depends on
+    it, so a model retrained elsewhere can differ in the last digits and drift from there)."""
     torch.set_num_threads(threads)
     _import_everything()
     order = {m: i for i, m in enumerate(methods)}
@@ -420,7 +421,7 @@ def main():
     rc.add_argument("--runs", default=RUNS, help="comma list of run directories holding <run>/model.onnx")
     rc.add_argument("--threads", type=int, default=1)
     rc.add_argument("--retrain", action="store_true", help="train a model whose model.onnx is gone again")
-    rc.add_argument("--train-threads", type=int, default=2, help="torch threads while retraining")
+    rc.add_argument("--train-threads", type=int, default=1, help="torch threads while retraining")
     rc.add_argument("--methods", default="", help="comma list of registry methods, in the order to do them")
     args = ap.parse_args()
     log = lambda s: print(s, flush=True)

@@ -27,6 +27,49 @@ from verikit import ir
 FEW_CHANNELS = 3  # transposed convolutions onto at most this many channels go through fold
 
 
+class Window:
+    """Coefficients (B, m, C, h, w) that are zero outside the spatial window starting at
+    (top, left) of a (C, H, W) node: rows started at nearby neurons of a conv layer touch only
+    their receptive field, so convolutions run on the window instead of the whole map."""
+
+    __slots__ = ("lam", "top", "left")
+
+    def __init__(self, lam: Tensor, top: int, left: int):
+        self.lam, self.top, self.left = lam, top, left
+
+    def region(self, t: Tensor) -> Tensor:
+        """The window's part of a per-sample tensor (B, C, H, W) (or broadcastable)."""
+        if t.dim() < 4 or t.shape[-2] == 1 and t.shape[-1] == 1:
+            return t
+        h, w = self.lam.shape[-2:]
+        return t[..., self.top:self.top + h, self.left:self.left + w]
+
+    def dense(self, shape: tuple) -> Tensor:
+        h, w = self.lam.shape[-2:]
+        H, W = shape[-2:]
+        return F.pad(self.lam, (self.left, W - self.left - w, self.top, H - self.top - h))
+
+    def resized(self, top: int, left: int, h: int, w: int) -> Tensor:
+        """The coefficients placed in a larger window (top, left, h, w) containing this one."""
+        lh, lw = self.lam.shape[-2:]
+        dt, dl = self.top - top, self.left - left
+        return F.pad(self.lam, (dl, w - dl - lw, dt, h - dt - lh))
+
+
+def accumulate(a, b, shape: tuple):
+    """Sum of two coefficient blocks (dense tensors or Windows) for a node of `shape`."""
+    if a is None:
+        return b
+    if isinstance(a, Window) and isinstance(b, Window):
+        top, left = min(a.top, b.top), min(a.left, b.left)
+        h = max(a.top + a.lam.shape[-2], b.top + b.lam.shape[-2]) - top
+        w = max(a.left + a.lam.shape[-1], b.left + b.lam.shape[-1]) - left
+        return Window(a.resized(top, left, h, w) + b.resized(top, left, h, w), top, left)
+    a = a.dense(shape) if isinstance(a, Window) else a
+    b = b.dense(shape) if isinstance(b, Window) else b
+    return a + b
+
+
 def _transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple, dilation: tuple, groups: int,
                out_hw: tuple) -> Tensor:
     """The transposed convolution of lam (N, C_out, h, w) onto an (N, C_in, *out_hw) map."""
@@ -90,13 +133,13 @@ def dense_backward(conv: ConvForm, lam: Tensor, in_shape: tuple):
     return g.reshape((B, m) + tuple(in_shape)), const
 
 
-def window_backward(conv: ConvForm, win, in_shape: tuple, window_cls):
+def window_backward(conv: ConvForm, win: Window, in_shape: tuple):
     """(Window on the input, constant (B, m) or None) for coefficients `win` (a Window)."""
     (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
     B, m, C_out, h, w = win.lam.shape
     if conv.weight is None:  # the pooling windows of the coefficients' window
         g = _spread(win.lam.reshape(B * m, C_out, h, w), conv.stride)
-        return window_cls(g.reshape((B, m) + g.shape[1:]), win.top * sh, win.left * sw), None
+        return Window(g.reshape((B, m) + g.shape[1:]), win.top * sh, win.left * sw), None
     kh, kw = conv.weight.shape[-2:]
     full = ((h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1)
     g = _transpose(win.lam.reshape(B * m, C_out, h, w), conv.weight, (sh, sw), (0, 0), (dh, dw), conv.groups, full)
@@ -111,4 +154,4 @@ def window_backward(conv: ConvForm, win, in_shape: tuple, window_cls):
     else:
         g = g[..., r0 - t0:r1 - t0, c0 - l0:c1 - l0]  # positions outside the map are padding
     const = win.lam.sum((-2, -1)) @ conv.bias if conv.bias is not None else None
-    return window_cls(g.reshape((B, m) + g.shape[1:]), r0, c0), const
+    return Window(g.reshape((B, m) + g.shape[1:]), r0, c0), const

@@ -1,0 +1,192 @@
+"""Intermediate bounds for the linear-bound engine: which neurons are back-substituted, in which
+chunks, and how the forward pre-screen and the per-sample rows share the work.
+
+`RowRefinement` is a mixin of `LinearBoundEngine` (linear_bounds.py), which owns the backward
+walk (`lower_bound`); this module owns the bookkeeping around it: one-hot rows (dense, as conv
+windows, or as weight rows of a Linear), tiles of neighbouring positions, the hand-over to the
+forward functions a few layers down, and refinement in groups of samples when the pre-screen's
+coefficients would not fit for the whole batch.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from verikit import ir
+from verikit.bounds import Box
+
+from .box import propagate_box
+from .conv_windows import Window
+from .forward_bounds import ForwardBounds
+from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, tighten
+
+# activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
+PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
+# ops that map each input neuron to one output neuron, and ops that mix neurons (box_is_exact)
+_ONE_TO_ONE = (ir.ElementwiseAffine, ir.BatchNorm, ir.Reshape, ir.Transpose, ir.Pad)
+_MIXING = (ir.Linear, ir.Conv2d, ir.AvgPool2d, ir.GlobalAvgPool)
+
+
+class RowRefinement:
+    """Bounds of chosen neurons of a node and of every pre-activation node (needs the engine's
+    graph, store, batch, device, dtype, max_rows, windows, fast_paths, per_sample_rows,
+    forward_prescreen and lower_bound)."""
+
+    def bound_rows(self, name: str, rows: Tensor, stop: Optional[str] = None) -> tuple[Tensor, Tensor]:
+        """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,
+        in chunks of at most `max_rows_per_chunk` rows over the whole batch."""
+        shape = tuple(self.graph.shapes[name])
+        n = math.prod(shape)
+        B = self.batch
+        per_chunk = max(1, self.max_rows // (2 * B))
+        lows, highs, done = [], [], []
+        node = self.graph.node(name) if name != self.graph.input_name else None
+        for chunk in self._chunks(rows, shape, per_chunk):
+            done.append(chunk)
+            k = chunk.numel()
+            if self.windows and len(shape) == 3:
+                lb = self.lower_bound(name, self._one_hot_window(chunk, shape), stop=stop)
+            elif node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
+                lb = linear_rows(self, node, chunk, stop)
+            else:
+                lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
+                ar = torch.arange(k, device=self.device)
+                lam[:, ar, chunk] = 1.0
+                lam[:, ar + k, chunk] = -1.0
+                lb = self.lower_bound(name, lam.reshape((B, 2 * k) + shape), stop=stop)
+            lows.append(lb[:, :k])
+            highs.append(-lb[:, k:])
+            self.rows_bounded += 2 * k * B
+        # chunks may visit the rows in another order: put the results back in `rows` order
+        lo = torch.empty(B, n, device=self.device, dtype=self.dtype)
+        hi = torch.empty(B, n, device=self.device, dtype=self.dtype)
+        done = torch.cat(done)
+        lo[:, done], hi[:, done] = torch.cat(lows, 1), torch.cat(highs, 1)
+        return lo[:, rows], hi[:, rows]
+
+    def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
+        """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
+        of at most 2x2 positions), so each chunk's window stays small."""
+        if not (self.windows and len(shape) == 3):
+            return list(rows.split(per_chunk))
+        C, H, W = shape
+        side = max(1, min(2, int(math.sqrt(per_chunk / C))))  # small tiles: windows grow per layer
+        h, w = (rows // W) % H, rows % W
+        tile = (h // side) * ((W + side - 1) // side) + (w // side)
+        order = torch.argsort(tile, stable=True)
+        rows, tile = rows[order], tile[order]
+        _, counts = torch.unique_consecutive(tile, return_counts=True)
+        return [piece for group in rows.split(counts.tolist()) for piece in group.split(per_chunk)]
+
+    def _one_hot_window(self, rows: Tensor, shape: tuple) -> Window:
+        """[+e_rows; -e_rows] as a Window around the rows' positions."""
+        C, H, W = shape
+        k, B = rows.numel(), self.batch
+        c, h, w = rows // (H * W), (rows // W) % H, rows % W
+        top, left = int(h.min()), int(w.min())
+        hh, ww = int(h.max()) - top + 1, int(w.max()) - left + 1
+        lam = torch.zeros(B, 2 * k, C, hh, ww, device=self.device, dtype=self.dtype)
+        ar = torch.arange(k, device=self.device)
+        lam[:, ar, c, h - top, w - left] = 1.0
+        lam[:, ar + k, c, h - top, w - left] = -1.0
+        return Window(lam, top, left)
+
+    def refine_node(self, name: str) -> Box:
+        """Back-substitute the neurons of `name` whose bounds matter, intersect with the store."""
+        box = self.store[name]
+        B = box.lo.shape[0]
+        lo, hi = box.lo.reshape(B, -1), box.hi.reshape(B, -1)
+        users = [self.graph.node(u).op for u in self.graph.consumers()[name]]
+        own = need = None
+        if all(isinstance(op, PIECEWISE_LINEAR) for op in users):
+            need = (lo < 0) & (hi > 0)
+            rows = need.any(0).nonzero().flatten()
+            windowed = self.windows and len(self.graph.shapes[name]) == 3
+            own = per_sample_rows(need) if self.per_sample_rows and not windowed else None
+        else:
+            rows = torch.arange(lo.shape[1], device=lo.device)
+        if rows.numel() == 0:
+            return box
+        lo, hi = lo.clone(), hi.clone()
+        # hand over to the forward functions a few layers down where the rest is deep (fewer
+        # rows reach the input: CNN7 5th conv 4148 -> 573, its Linear 506 -> 63)
+        stop = self.forward.stop_for(name) if self.forward is not None and own is None and need is not None else None
+        if stop is not None:  # back-substitute a few layers only, then the forward functions
+            new_lo, new_hi = self.bound_rows(name, rows, stop)
+            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+            rows = ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
+            if rows.numel() == 0:
+                self.nodes_refined += 1
+                return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
+        if own is not None:  # each sample's own unstable neurons
+            tighten(lo, hi, *own, *bound_rows_per_sample(self, name, own[0]))
+        else:
+            new_lo, new_hi = self.bound_rows(name, rows)
+            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+        self.nodes_refined += 1
+        return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
+
+    def preactivation_nodes(self) -> list[str]:
+        """Nodes (in topological order) whose bounds some non-linear op's relaxation needs."""
+        needed = []
+        for node in self.graph.nodes:
+            if not node.op.is_affine:
+                for src in node.inputs:  # a product needs both factors' bounds
+                    if src != self.graph.input_name and src not in needed:
+                        needed.append(src)
+        return sorted(needed, key=self.position.__getitem__)
+
+    def box_is_exact(self, name: str) -> bool:
+        """Is `name` a chain of affine ops from the input with at most one mixing op? Interval
+        bounds are then already the exact range, and back-substitution cannot improve them."""
+        mixing = 0
+        while name != self.graph.input_name:
+            node = self.graph.node(name)
+            if len(node.inputs) != 1 or not isinstance(node.op, _ONE_TO_ONE + _MIXING):
+                return False
+            mixing += isinstance(node.op, _MIXING)
+            if mixing > 1:
+                return False
+            name = node.inputs[0]
+        return True
+
+    def refine_intermediate(self) -> None:
+        """Bounds for every pre-activation node by back-substitution, in topological order; after
+        each, interval bounds downstream are refreshed from the tighter ones (so later layers
+        select fewer unstable neurons)."""
+        inputs = self.store[self.graph.input_name]
+        nodes = self.preactivation_nodes()
+        per_pass = 0 if self.forward_prescreen is False else \
+            ForwardBounds.samples_per_pass(self, nodes, force=self.forward_prescreen is True)
+        if 0 < per_pass < self.batch:  # the pre-screen's coefficients fit for a few samples only
+            return self._refine_in_groups(per_pass)
+        self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
+        for name in nodes:
+            if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
+                self.store.update(name, forward.bounds(name))
+            if self.box_is_exact(name):
+                continue
+            self.refine_node(name)
+            propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None,
+                          after=name if self.fast_paths else None)
+        self.forward = None  # its coefficient tensors are large: not kept past this point
+
+    def _refine_in_groups(self, size: int) -> None:
+        """refine_intermediate for `size` samples at a time (each group with the pre-screen and
+        its own union of unstable rows), merged back into this engine's store."""
+        parts = []
+        for start in range(0, self.batch, size):
+            sub = type(self)(self.graph, self.store.select(slice(start, start + size)), self.ctx, self.variant,
+                                    self.max_rows, self.windows, None, self.fast_paths, self.per_sample_rows)
+            sub.forward_prescreen = True
+            sub.refine_intermediate()
+            self.rows_bounded += sub.rows_bounded
+            self.nodes_refined = max(self.nodes_refined, sub.nodes_refined)
+            parts.append(sub.store)
+        for name in list(self.store):
+            self.store.update(name, Box(torch.cat([p[name].lo for p in parts]), torch.cat([p[name].hi for p in parts])))
