@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from verikit import ir
+from verikit.errors import VerikitError
 
 # per-sample rows when their padded count is below this share of the union over the batch
 PER_SAMPLE_SHARE = 0.8
@@ -48,10 +49,11 @@ def bound_rows_per_sample(engine, name: str, rows: Tensor) -> tuple[Tensor, Tens
     shape = tuple(engine.graph.shapes[name])
     n = math.prod(shape)
     lows, highs = [], []
+    form = row_form(engine, node, shape)
     for chunk in rows.split(per_chunk, dim=1):
         k = chunk.shape[1]
-        if node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
-            lb = linear_rows(engine, node, chunk)
+        if form is not None:
+            lb = linear_rows(engine, form[0], chunk, None, *form[1:])
         else:
             lam = torch.zeros(B, 2 * k, n, device=engine.device, dtype=engine.dtype)
             lam[:, :k].scatter_(2, chunk.unsqueeze(-1), 1.0)
@@ -63,10 +65,34 @@ def bound_rows_per_sample(engine, name: str, rows: Tensor) -> tuple[Tensor, Tens
     return torch.cat(lows, 1), torch.cat(highs, 1)
 
 
-def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None) -> Tensor:
-    """lower_bound for the rows [+e_rows; -e_rows] of a Linear node, skipping the one-hot
-    product: the coefficients on its input are just the selected weight rows. `rows`: (k,)
-    for every sample, or (B, k) per sample."""
+def row_form(engine, node, shape: tuple, stop=None):
+    """(Linear node, scale, shift) when the one-hot rows of flat `node` can start as weight rows
+    of a Linear (`linear_rows`), else None: `node` is a Linear (scale and shift None), or, on the
+    fast paths and without rounding-error radii, a BatchNorm reading a Linear, whose neuron i is
+    scale_i (W_i x + b_i) + shift_i: its rows are the Linear's weight rows scaled per neuron
+    (skips a one-hot product with the whole weight matrix: CNN7's [1014, 512] x [512, 25088])."""
+    if node is None or len(shape) != 1:
+        return None
+    if isinstance(node.op, ir.Linear):
+        return node, None, None
+    if not (isinstance(node.op, ir.BatchNorm) and engine.fast_paths and not engine.errors):
+        return None
+    src = node.inputs[0]
+    lin = engine.graph.node(src) if src != engine.graph.input_name else None
+    if lin is None or not isinstance(lin.op, ir.Linear) or lin.op.weight.dim() != 2 or stop == lin.name:
+        return None
+    try:  # per-channel constants; batch statistics must have been recorded by a forward pass
+        scale, shift = node.op.scale_shift(engine.store[src].lo, engine.ctx, record=False)
+    except RuntimeError as e:
+        raise VerikitError(str(e)) from None
+    return lin, scale.reshape(-1), shift.reshape(-1)
+
+
+def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None, scale=None, shift=None) -> Tensor:
+    """lower_bound for the rows [+e_rows; -e_rows] of a Linear node (of scale * Linear + shift
+    where `scale` is given: a BatchNorm after it), skipping the one-hot product: the coefficients
+    on its input are just the selected weight rows. `rows`: (k,) for every sample, or (B, k)
+    per sample."""
     w, b = node.op.weight, node.op.bias
     B = engine.batch
     if rows.dim() == 1:
@@ -75,6 +101,10 @@ def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None) -> Tensor:
     else:
         take = lambda t: t.expand(B, -1).gather(1, rows)
         w = w.gather(1, rows.unsqueeze(-1).expand(-1, -1, w.shape[-1])) if w.dim() == 3 else w[rows]
+    if scale is not None:
+        s = take(scale)
+        w = w * s.unsqueeze(-1)
+        b = shift if b is None else b * scale + shift  # per neuron: scale_i b_i + shift_i
     lb = engine.lower_bound(node.inputs[0], torch.cat([w, -w], 1), stop=stop)
     if b is not None:
         b = take(b)

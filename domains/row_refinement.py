@@ -21,7 +21,7 @@ from verikit.bounds import Box
 from .box import propagate_box
 from .conv_windows import Window
 from .forward_bounds import ForwardBounds
-from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, tighten
+from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, row_form, tighten
 
 # activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
 PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
@@ -44,13 +44,14 @@ class RowRefinement:
         per_chunk = max(1, self.max_rows // (2 * B))
         lows, highs, done = [], [], []
         node = self.graph.node(name) if name != self.graph.input_name else None
+        form = row_form(self, node, shape, stop)
         for chunk in self._chunks(rows, shape, per_chunk):
             done.append(chunk)
             k = chunk.numel()
             if self.windows and len(shape) == 3:
                 lb = self.lower_bound(name, self._one_hot_window(chunk, shape), stop=stop)
-            elif node is not None and isinstance(node.op, ir.Linear) and len(shape) == 1:
-                lb = linear_rows(self, node, chunk, stop)
+            elif form is not None:
+                lb = linear_rows(self, form[0], chunk, stop, *form[1:])
             else:
                 lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
                 ar = torch.arange(k, device=self.device)

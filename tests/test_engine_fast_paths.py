@@ -68,7 +68,25 @@ def conv_pool_net(seed=0, c_in=1, side=9):
     return b.build(b.add("out", bg._lin(gen, 3, 7), [h])), (c_in, side, side)
 
 
+def linear_bn_net(seed=0, widths=(5, 12, 10, 3)):
+    """Linear -> BatchNorm (running statistics, some negative scales) -> ReLU, twice, then a
+    Linear: rows of a BatchNorm after a Linear start as scaled weight rows (linear_rows.row_form)."""
+    gen = torch.Generator().manual_seed(seed)
+    b = ir.GraphBuilder("x", (widths[0],), DT)
+    h = "x"
+    for i in range(len(widths) - 2):
+        n = widths[i + 1]
+        h = b.add(f"fc{i}", bg._lin(gen, n, widths[i]), [h])
+        weight = torch.randn(n, generator=gen, dtype=DT)  # signs mixed: the upper rows flip
+        bias, mean = torch.randn(n, generator=gen, dtype=DT) * 0.3, torch.randn(n, generator=gen, dtype=DT) * 0.2
+        var = torch.rand(n, generator=gen, dtype=DT) + 0.5
+        h = b.add(f"bn{i}", ir.BatchNorm(weight, bias, mean, var, 1e-5, f"bn{i}"), [h])
+        h = b.add(f"relu{i}", ir.ReLU(), [h])
+    return b.build(b.add("out", bg._lin(gen, widths[-1], widths[-2]), [h])), (widths[0],)
+
+
 GRAPHS = {
+    "linear-bn": linear_bn_net(),
     "conv-pool-1ch": conv_pool_net(0, 1),
     "conv-pool-3ch": conv_pool_net(1, 3, side=10),
     "conv-pool-8ch": conv_pool_net(2, 8),
@@ -136,7 +154,7 @@ def test_forced_neuron_indexing_modes(monkeypatch, name, mode):
     assert modes == {mode == "per-sample"}
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "relu-mlp", "conv-mix"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "relu-mlp", "conv-mix", "linear-bn"])
 def test_per_sample_rows_equal_one_sample_at_a_time(monkeypatch, name):
     """per_sample_rows: each sample's bounds are those it gets alone (batch 1), from fewer rows
     than the union. (The union's bounds differ: its extra rows tighten intermediate bounds,
@@ -160,6 +178,39 @@ def test_per_sample_rows_equal_one_sample_at_a_time(monkeypatch, name):
         assert own.rows_bounded < union.rows_bounded
 
 
+def test_batchnorm_rows_take_the_weight_row_path():
+    """The BatchNorm nodes' rows start at the Linear before them on the fast paths (scale and
+    shift per neuron), and only there: the general rules and the rounding-error hook keep the
+    one-hot rows."""
+    graph, shape = GRAPHS["linear-bn"]
+    (es, *_), (ef, *_) = engines(graph, _box(shape, 2, 8))
+    for i in range(2):
+        node = graph.node(f"bn{i}")
+        lin, scale, shift = linear_rows.row_form(ef, node, (graph.shapes[node.name][0],))
+        assert lin.name == f"fc{i}" and scale.shape == shift.shape == (graph.shapes[node.name][0],)
+        assert linear_rows.row_form(es, node, (graph.shapes[node.name][0],)) is None
+    errors = {n.name: torch.zeros((2,) + tuple(graph.shapes[n.name]), dtype=DT) for n in graph.nodes}
+    with torch.no_grad():
+        e = lb.prepare(graph, _box(shape, 2, 8), None, None, "crown", 4096, errors=errors, forward_prescreen=False)
+    assert linear_rows.row_form(e, graph.node("bn0"), (graph.shapes["bn0"][0],)) is None
+
+
+def test_abs_weight_follows_in_place_updates_and_autograd():
+    """|W| is cached per op while the weight is unchanged; an in-place update (an optimiser
+    step) is seen, and a weight that requires grad gets its gradient through abs_linear."""
+    w = torch.randn(4, 3, dtype=DT)
+    op = ir.Linear(w.clone(), None)
+    r = torch.rand(2, 3, dtype=DT)
+    torch.testing.assert_close(op.abs_linear(r), r @ w.abs().T, rtol=0, atol=0)
+    with torch.no_grad():
+        op.weight.mul_(-3.0)
+    torch.testing.assert_close(op.abs_linear(r), r @ (3 * w).abs().T, rtol=0, atol=0)
+    p = torch.nn.Parameter(w.clone())
+    live = ir.Linear(p, None)
+    live.abs_linear(r).sum().backward()
+    torch.testing.assert_close(p.grad, r.sum(0).expand(4, 3) * w.sign(), rtol=0, atol=0)
+
+
 def test_fast_path_is_taken_and_skips_dead_neurons():
     graph, shape = GRAPHS["mlp-wide"]
     (es, *_), (ef, *_) = engines(graph, _box(shape, 1, 5))
@@ -170,7 +221,8 @@ def test_fast_path_is_taken_and_skips_dead_neurons():
     assert ef.rows_bounded == es.rows_bounded
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "conv-pool-1ch", "conv-pool-3ch"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-flatten", "mlp-wide", "shared-relu", "conv-pool-1ch", "conv-pool-3ch",
+                                  "linear-bn"])
 def test_fast_paths_sound_by_sampling(name):
     graph, shape = GRAPHS[name]
     box = _box(shape, 4, 6, width=0.7)

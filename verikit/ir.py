@@ -79,6 +79,22 @@ class Op:
 
 
 # ---------------------------------------------------------------- affine ops
+def _abs_weight(op: Op) -> Tensor:
+    """|W| of a Linear/Conv2d, kept on the op while its weight is the same tensor at the same
+    version (in-place updates such as an optimiser step bump the version): box passes over a
+    fixed network (a certifier's chain, branch and bound, the forward pre-screen) recomputed
+    it on every call. Not cached where autograd must see it (a weight that requires grad, in
+    a grad-enabled pass), nor for inference tensors (no version counter)."""
+    w = op.weight
+    if (w.requires_grad and torch.is_grad_enabled()) or w.is_inference():
+        return w.abs()
+    cached = op.__dict__.get("_abs_cache")  # (weight, version, |weight|); holding it pins its storage
+    if cached is None or cached[0] is not w or cached[1] != w._version:
+        cached = (w, w._version, w.detach().abs())
+        op.__dict__["_abs_cache"] = cached
+    return cached[2]
+
+
 @dataclass(eq=False)
 class Linear(Op):
     """y = x @ W^T + b on the last dimension. W may be batched (B, out, in) for folded specs."""
@@ -98,7 +114,7 @@ class Linear(Op):
         return self._apply(x, self.weight, self.bias)
 
     def abs_linear(self, r, ctx=None):
-        return self._apply(r, self.weight.abs(), None)
+        return self._apply(r, _abs_weight(self), None)
 
 
 @dataclass(eq=False)
@@ -119,7 +135,7 @@ class Conv2d(Op):
         return self._conv(x, self.weight, self.bias)
 
     def abs_linear(self, r, ctx=None):
-        return self._conv(r, self.weight.abs(), None)
+        return self._conv(r, _abs_weight(self), None)
 
 
 def _broadcast_channel(v: Tensor, ndim: int) -> Tensor:
