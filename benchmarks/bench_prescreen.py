@@ -31,6 +31,8 @@ def main():
     p.add_argument("--batches", default="1")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--settings", default="auto,off",
+                   help="which forward_prescreen settings to run (auto alone: CNN7 at batch 32 in minutes, not ~20)")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "verikit-bench"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -38,7 +40,11 @@ def main():
     import verikit
     from verikit.domains import get_domain
 
-    print(f"CROWN, forward_prescreen auto vs off, {args.threads} thread(s), median of {args.repeats} calls")
+    settings = [s for s in args.settings.split(",") if s]
+    if not settings or any(s not in ("auto", "off") for s in settings):
+        p.error("--settings: a comma list of auto, off")
+    timed = f"median of {args.repeats} calls" if args.repeats else "the first call (--repeats 0)"
+    print(f"CROWN, forward_prescreen {' vs '.join(settings)}, {args.threads} thread(s), {timed}")
     print(f"{'net':14s} {'batch':>5s} {'auto s':>8s} {'off s':>8s} {'off/auto':>8s} {'auto GB':>8s} {'off GB':>7s}"
           f" {'rows auto':>10s} {'rows off':>9s} {'max |diff|':>10s} {'worst margin':>12s}")
     for name in args.nets.split(","):
@@ -47,7 +53,7 @@ def main():
         for batch in (int(b) for b in args.batches.split(",")):
             box = verikit.Box.linf_ball(x[:batch], eps)
             spec = verikit.Spec.robustness(y[:batch], 10)
-            domains = {s: get_domain("crown", forward_prescreen=s) for s in ("auto", "off")}
+            domains = {s: get_domain("crown", forward_prescreen=s) for s in settings}
             times = {s: [] for s in domains}
             mem, rows, lower = {}, {}, {}
             for i in range(args.repeats + 1):
@@ -56,17 +62,22 @@ def main():
                         t0 = time.perf_counter()
                         res = dom.bound(graph, box, spec)
                         dt = time.perf_counter() - t0
-                    if i == 0:  # the warm-up call: memory, rows and bounds, not timed
+                    if i == 0:  # the warm-up call: memory, rows and bounds, timed only with --repeats 0
                         mem[setting], rows[setting] = m.gb, res.info["rows_bounded"]
                         lower[setting] = spec.margin(res.lower)
-                    else:
-                        times[setting].append(dt)
+                        first = dt
+                    if i > 0 or args.repeats == 0:
+                        times[setting].append(dt if i > 0 else first)
             med = {s: statistics.median(t) for s, t in times.items()}
-            diff = float((lower["auto"] - lower["off"]).abs().max())
-            worst = float(lower["auto"].reshape(batch, -1).min(1).values.mean())
-            print(f"{name:14s} {batch:5d} {med['auto']:8.3f} {med['off']:8.3f} {med['off'] / med['auto']:8.2f}"
-                  f" {mem['auto']:8.2f} {mem['off']:7.2f} {rows['auto']:10d} {rows['off']:9d} {diff:10.2e} {worst:12.4f}",
-                  flush=True)
+            both = len(settings) == 2
+            cell = lambda s, f: f(s) if s in med else "-"
+            diff = f"{float((lower['auto'] - lower['off']).abs().max()):.2e}" if both else "-"
+            worst = float(lower[settings[0]].reshape(batch, -1).min(1).values.mean())
+            ratio = f"{med['off'] / med['auto']:.2f}" if both else "-"
+            print(f"{name:14s} {batch:5d} {cell('auto', lambda s: f'{med[s]:.3f}'):>8s} {cell('off', lambda s: f'{med[s]:.3f}'):>8s}"
+                  f" {ratio:>8s} {cell('auto', lambda s: f'{mem[s]:.2f}'):>8s} {cell('off', lambda s: f'{mem[s]:.2f}'):>7s}"
+                  f" {cell('auto', lambda s: str(rows[s])):>10s} {cell('off', lambda s: str(rows[s])):>9s} {diff:>10s}"
+                  f" {worst:12.4f}", flush=True)
 
 
 if __name__ == "__main__":
