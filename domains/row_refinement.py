@@ -179,11 +179,16 @@ class RowRefinement:
 
     def _refine_in_groups(self, size: int) -> None:
         """refine_intermediate for `size` samples at a time (each group with the pre-screen and
-        its own union of unstable rows), merged back into this engine's store."""
+        its own union of unstable rows), merged back into this engine's store. The groups work
+        on the part of the graph the pre-activation nodes depend on: what follows (a folded
+        per-sample spec, sized for the whole batch) is refreshed once for the whole batch after.
+        (Never with error radii: the pre-screen does not run in the float-sound mode.)"""
+        nodes = self.preactivation_nodes()
+        head = self._nonlinear_part()
         parts = []
         for start in range(0, self.batch, size):
-            sub = type(self)(self.graph, self.store.select(slice(start, start + size)), self.ctx, self.variant,
-                                    self.max_rows, self.windows, None, self.fast_paths, self.per_sample_rows)
+            sub = type(self)(head, self.store.select(slice(start, start + size)), self.ctx, self.variant,
+                             self.max_rows, self.windows, None, self.fast_paths, self.per_sample_rows)
             sub.forward_prescreen = True
             sub.refine_intermediate()
             self.rows_bounded += sub.rows_bounded
@@ -191,3 +196,19 @@ class RowRefinement:
             parts.append(sub.store)
         for name in list(self.store):
             self.store.update(name, Box(torch.cat([p[name].lo for p in parts]), torch.cat([p[name].hi for p in parts])))
+        propagate_box(self.graph, self.store[self.graph.input_name], self.store, self.ctx,
+                      after=nodes[-1] if self.fast_paths else None)
+
+    def _nonlinear_part(self) -> ir.Graph:
+        """The subgraph of the non-linear ops and everything they read (so the same nodes are
+        pre-activation nodes there), ending at the last of them."""
+        g = self.graph
+        needed, todo = set(), [n.name for n in g.nodes if not n.op.is_affine]
+        while todo:
+            name = todo.pop()
+            if name in needed or name == g.input_name:
+                continue
+            needed.add(name)
+            todo.extend(g.node(name).inputs)
+        kept = [n for n in g.nodes if n.name in needed]
+        return ir.Graph(g.input_name, g.input_shape, kept, kept[-1].name, g.shapes, g.source, g.meta)

@@ -308,6 +308,37 @@ def test_batches_beyond_the_memory_budget_go_in_groups(monkeypatch):
         torch.testing.assert_close(hi[start:start + 2], ghi, rtol=1e-12, atol=1e-12)
 
 
+def test_groups_with_a_per_sample_spec(monkeypatch):
+    """A robustness spec folded into the last layer holds one matrix per sample (the whole
+    batch's): refining in groups must not run it on a group (CNN7 at batch 32 crashed there).
+    Each sample's margins are those of its group alone, and sound by sampling."""
+    from verikit.domains import get_domain
+    from verikit.spec import Spec
+
+    graph, shape = GRAPHS["conv"]
+    box = bg.input_box(torch.Generator().manual_seed(16), shape, batch=5, width=0.3)
+    labels = torch.tensor([0, 1, 2, 0, 1])
+    n_out = graph.shapes[graph.output][0]
+    per_sample = 288 * 4 * 12 * 12 * 8  # K * widest node * float64
+    monkeypatch.setattr(fb, "MEMORY_BUDGET", 2 * per_sample)
+    crown = get_domain("crown", forward_prescreen="on")
+    with torch.no_grad():
+        res = crown.bound(graph, box, Spec.robustness(labels, n_out, DT))
+        for start in (0, 2, 4):
+            part = Box(box.lo[start:start + 2], box.hi[start:start + 2])
+            alone = crown.bound(graph, part, Spec.robustness(labels[start:start + 2], n_out, DT))
+            torch.testing.assert_close(res.lower[start:start + 2], alone.lower, rtol=1e-12, atol=1e-12)
+        xs = box.sample(300, torch.Generator().manual_seed(1))
+        y = graph.forward(xs.reshape((-1,) + tuple(xs.shape[2:]))).reshape(xs.shape[0], 5, -1)
+    margins = y.gather(2, labels.view(1, 5, 1).expand(xs.shape[0], 5, 1)) - y  # y_label - y_j
+    others = torch.ones(5, n_out, dtype=torch.bool)
+    others[torch.arange(5), labels] = False
+    lower = res.lower  # one row per margin y_label - y_j, j != label ascending
+    assert lower.shape == (5, n_out - 1)
+    want = margins[:, others].reshape(xs.shape[0], 5, n_out - 1)
+    assert bool((want >= lower - 1e-9).all())
+
+
 @pytest.mark.parametrize("domain", ["crown", "deeppoly"])
 def test_domain_option_switches_the_prescreen(domain):
     from verikit.domains import get_domain
