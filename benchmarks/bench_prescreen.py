@@ -65,9 +65,8 @@ def main():
                     if i == 0:  # the warm-up call: memory, rows and bounds, timed only with --repeats 0
                         mem[setting], rows[setting] = m.gb, res.info["rows_bounded"]
                         lower[setting] = spec.margin(res.lower)
-                        first = dt
                     if i > 0 or args.repeats == 0:
-                        times[setting].append(dt if i > 0 else first)
+                        times[setting].append(dt)
             med = {s: statistics.median(t) for s, t in times.items()}
             both = len(settings) == 2
             cell = lambda s, f: f(s) if s in med else "-"

@@ -43,6 +43,7 @@ from .relu_chain import ReluChains
 from .row_refinement import RowRefinement
 from .softmax_lines import softmax_backward
 
+
 def _flat_dot(lam: Tensor, t: Tensor) -> Tensor:
     """sum over the node dimensions of lam (B, m, *s) * t (B, *s) -> (B, m), as a batched matmul."""
     B = lam.shape[0]

@@ -165,7 +165,7 @@ class RowRefinement:
         per_pass = 0 if self.forward_prescreen is False else \
             ForwardBounds.samples_per_pass(self, nodes, force=self.forward_prescreen is True)
         if 0 < per_pass < self.batch:  # the pre-screen's coefficients fit for a few samples only
-            return self._refine_in_groups(per_pass)
+            return self._refine_in_groups(per_pass, nodes)
         self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
         for name in nodes:
             if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
@@ -177,13 +177,12 @@ class RowRefinement:
                           after=name if self.fast_paths else None)
         self.forward = None  # its coefficient tensors are large: not kept past this point
 
-    def _refine_in_groups(self, size: int) -> None:
+    def _refine_in_groups(self, size: int, nodes: list) -> None:
         """refine_intermediate for `size` samples at a time (each group with the pre-screen and
         its own union of unstable rows), merged back into this engine's store. The groups work
         on the part of the graph the pre-activation nodes depend on: what follows (a folded
         per-sample spec, sized for the whole batch) is refreshed once for the whole batch after.
         (Never with error radii: the pre-screen does not run in the float-sound mode.)"""
-        nodes = self.preactivation_nodes()
         head = self._nonlinear_part()
         parts = []
         for start in range(0, self.batch, size):

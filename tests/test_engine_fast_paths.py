@@ -205,6 +205,12 @@ def test_abs_weight_follows_in_place_updates_and_autograd():
     with torch.no_grad():
         op.weight.mul_(-3.0)
     torch.testing.assert_close(op.abs_linear(r), r @ (3 * w).abs().T, rtol=0, atol=0)
+    from verikit.spec import FoldedSpecLinear
+
+    C = torch.randn(2, 4, dtype=DT)
+    folded = FoldedSpecLinear(w, None, C, torch.zeros(2, dtype=DT))  # its weight C W is derived per access
+    torch.testing.assert_close(folded.abs_linear(r), r @ (C @ w).abs().T, rtol=1e-12, atol=1e-12)
+    assert "_abs_cache" not in folded.__dict__  # nothing pinned for a weight that is never the same tensor
     p = torch.nn.Parameter(w.clone())
     live = ir.Linear(p, None)
     live.abs_linear(r).sum().backward()

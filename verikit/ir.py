@@ -84,9 +84,10 @@ def _abs_weight(op: Op) -> Tensor:
     version (in-place updates such as an optimiser step bump the version): box passes over a
     fixed network (a certifier's chain, branch and bound, the forward pre-screen) recomputed
     it on every call. Not cached where autograd must see it (a weight that requires grad, in
-    a grad-enabled pass), nor for inference tensors (no version counter)."""
+    a grad-enabled pass), nor for inference tensors (no version counter), nor where the weight
+    is derived anew on every access (a property, e.g. a folded spec's C W: never the same tensor)."""
     w = op.weight
-    if (w.requires_grad and torch.is_grad_enabled()) or w.is_inference():
+    if "weight" not in op.__dict__ or (w.requires_grad and torch.is_grad_enabled()) or w.is_inference():
         return w.abs()
     cached = op.__dict__.get("_abs_cache")  # (weight, version, |weight|); holding it pins its storage
     if cached is None or cached[0] is not w or cached[1] != w._version:
