@@ -244,7 +244,7 @@ def test_fast_paths_sound_by_sampling(name):
     assert (y >= lo - 1e-9).all() and (y <= hi + 1e-9).all()
 
 
-@pytest.mark.parametrize("name", ["mlp", "mlp-wide", "conv-pool-1ch", "conv-pool-8ch"])
+@pytest.mark.parametrize("name", ["mlp", "mlp-wide", "conv-pool-1ch", "conv-pool-8ch", "linear-bn"])
 def test_eps_zero_gives_the_output(name):
     graph, shape = GRAPHS[name]
     x = _box(shape, 3, 7).center
