@@ -164,8 +164,11 @@ class RowRefinement:
         nodes = self.preactivation_nodes()
         per_pass = 0 if self.forward_prescreen is False else \
             ForwardBounds.samples_per_pass(self, nodes, force=self.forward_prescreen is True)
-        if 0 < per_pass < self.batch:  # the pre-screen's coefficients fit for a few samples only
-            return self._refine_in_groups(per_pass, nodes)
+        if 0 < per_pass < self.batch:  # the pre-screen's coefficients fit for a few samples only:
+            # one sample at a time (a group shares no arithmetic, only the union of its samples'
+            # unstable rows: CNN7 at batch 4, groups of 3 took 69 s and 6.9 GB, singles 39 s and
+            # 2.4 GB, the same margins)
+            return self._refine_in_groups(1, nodes)
         self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
         for name in nodes:
             if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
@@ -179,7 +182,8 @@ class RowRefinement:
 
     def _refine_in_groups(self, size: int, nodes: list) -> None:
         """refine_intermediate for `size` samples at a time (each group with the pre-screen and
-        its own union of unstable rows), merged back into this engine's store. The groups work
+        its own union of unstable rows; each sample's bounds are then those of its group alone),
+        merged back into this engine's store. The groups work
         on the part of the graph the pre-activation nodes depend on: what follows (a folded
         per-sample spec, sized for the whole batch) is refreshed once for the whole batch after.
         (Never with error radii: the pre-screen does not run in the float-sound mode.)"""
