@@ -27,7 +27,9 @@ def make_trainer(model_name: str, kind: str, lam: float, x, y):
     from verikit.train.config import TrainConfig
     from verikit.train.loop import Trainer
 
-    cfg = TrainConfig(model=model_name, method="standard" if kind == "standard" else "sabr", sabr_lambda=lam,
+    # PGD and IBP as SABR's end points (λ 0 and 1); λ is an option of SABR only
+    cfg = TrainConfig(model=model_name, method="standard" if kind == "standard" else "sabr",
+                      sabr_lambda=None if kind == "standard" else lam,
                       eps=0.1, epochs=2, warmup_epochs=0, ramp_epochs=0, batch_size=x.shape[0], device="cpu")
     return Trainer(cfg, "/tmp/verikit-bench-train", data=(x, y, x[:8], y[:8]), log=lambda s: None)
 
