@@ -4,8 +4,8 @@ chunks, and how the forward pre-screen and the per-sample rows share the work.
 `RowRefinement` is a mixin of `LinearBoundEngine` (linear_bounds.py), which owns the backward
 walk (`lower_bound`); this module owns the bookkeeping around it: one-hot rows (dense, as conv
 windows, or as weight rows of a Linear), tiles of neighbouring positions, the hand-over to the
-forward functions a few layers down, and refinement in groups of samples when the pre-screen's
-coefficients would not fit for the whole batch.
+forward functions a few layers down, and refinement one sample at a time when the
+pre-screen's coefficients would not fit for the whole batch.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class RowRefinement:
         shape = tuple(self.graph.shapes[name])
         n = math.prod(shape)
         B = self.batch
-        windowed = self.windows and len(shape) == 3
+        windowed = self._windowed(shape)
         per_chunk = max(1, (min(self.max_rows, WINDOW_ROWS) if windowed else self.max_rows) // (2 * B))
         lows, highs, done = [], [], []
         node = self.graph.node(name) if name != self.graph.input_name else None
@@ -55,7 +55,7 @@ class RowRefinement:
         for chunk in self._chunks(rows, shape, per_chunk):
             done.append(chunk)
             k = chunk.numel()
-            if self.windows and len(shape) == 3:
+            if windowed:
                 lb = self.lower_bound(name, self._one_hot_window(chunk, shape), stop=stop)
             elif form is not None:
                 lb = linear_rows(self, form[0], chunk, stop, *form[1:])
@@ -78,7 +78,7 @@ class RowRefinement:
     def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
         """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
         of at most 2x2 positions), so each chunk's window stays small."""
-        if not (self.windows and len(shape) == 3):
+        if not self._windowed(shape):
             return list(rows.split(per_chunk))
         C, H, W = shape
         side = max(1, min(2, int(math.sqrt(per_chunk / C))))  # small tiles: windows grow per layer
@@ -88,6 +88,10 @@ class RowRefinement:
         rows, tile = rows[order], tile[order]
         _, counts = torch.unique_consecutive(tile, return_counts=True)
         return [piece for group in rows.split(counts.tolist()) for piece in group.split(per_chunk)]
+
+    def _windowed(self, shape: tuple) -> bool:
+        """Are rows of a node of this shape bounded as spatial windows (a (C, H, W) node)?"""
+        return self.windows and len(shape) == 3
 
     def _one_hot_window(self, rows: Tensor, shape: tuple) -> Window:
         """[+e_rows; -e_rows] as a Window around the rows' positions."""
@@ -112,7 +116,7 @@ class RowRefinement:
         if all(isinstance(op, PIECEWISE_LINEAR) for op in users):
             need = (lo < 0) & (hi > 0)
             rows = need.any(0).nonzero().flatten()
-            windowed = self.windows and len(self.graph.shapes[name]) == 3
+            windowed = self._windowed(tuple(self.graph.shapes[name]))
             own = per_sample_rows(need) if self.per_sample_rows and not windowed else None
         else:
             rows = torch.arange(lo.shape[1], device=lo.device)
@@ -175,7 +179,7 @@ class RowRefinement:
             # one sample at a time (a group shares no arithmetic, only the union of its samples'
             # unstable rows: CNN7 at batch 4, groups of 3 took 69 s and 6.9 GB, singles 39 s and
             # 2.4 GB, the same margins)
-            return self._refine_in_groups(1, nodes)
+            return self._refine_each_sample(nodes)
         self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
         for name in nodes:
             if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
@@ -187,17 +191,17 @@ class RowRefinement:
                           after=name if self.fast_paths else None)
         self.forward = None  # its coefficient tensors are large: not kept past this point
 
-    def _refine_in_groups(self, size: int, nodes: list) -> None:
-        """refine_intermediate for `size` samples at a time (each group with the pre-screen and
-        its own union of unstable rows; each sample's bounds are then those of its group alone),
-        merged back into this engine's store. The groups work
-        on the part of the graph the pre-activation nodes depend on: what follows (a folded
-        per-sample spec, sized for the whole batch) is refreshed once for the whole batch after.
-        (Never with error radii: the pre-screen does not run in the float-sound mode.)"""
+    def _refine_each_sample(self, nodes: list) -> None:
+        """refine_intermediate for one sample at a time (each with the pre-screen and its own
+        unstable rows: its bounds are those of the sample alone), merged back into this engine's
+        store. The samples are refined on the part of the graph the pre-activation nodes depend
+        on: what follows (a folded per-sample spec, sized for the whole batch) is refreshed once
+        for the whole batch after. (Never with error radii: the pre-screen does not run in the
+        float-sound mode.)"""
         head = self._nonlinear_part()
         parts = []
-        for start in range(0, self.batch, size):
-            sub = type(self)(head, self.store.select(slice(start, start + size)), self.ctx, self.variant,
+        for b in range(self.batch):
+            sub = type(self)(head, self.store.select(slice(b, b + 1)), self.ctx, self.variant,
                              self.max_rows, self.windows, None, self.fast_paths, self.per_sample_rows)
             sub.forward_prescreen = True
             sub.refine_intermediate()
