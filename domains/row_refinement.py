@@ -28,6 +28,10 @@ from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, ro
 # 405 ms with 4096, 240 ms with 1024, 350 ms with 512; the whole call 917 -> 830 ms; the
 # avg-pool CNN unchanged; at batch 1 a tile holds fewer rows than this: nothing changes)
 WINDOW_ROWS = 1024
+# the largest tiles of windowed rows, in positions per side: windows grow per layer, but a
+# tile is one back-substitution (at batch 1, 2 -> 4: oval21-style CNN 28.8 -> 19.7 ms, the
+# avg-pool CNN 37.9 -> 30.2 ms; wide layers such as CNN7's get 2x2 tiles from max_rows anyway)
+TILE_SIDE = 4
 # activations whose relaxation is exact on stable neurons (tighter bounds change nothing there)
 PIECEWISE_LINEAR = (ir.ReLU, ir.LeakyReLU)
 # ops that map each input neuron to one output neuron, and ops that mix neurons (box_is_exact)
@@ -77,11 +81,11 @@ class RowRefinement:
 
     def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
         """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
-        of at most 2x2 positions), so each chunk's window stays small."""
+        of at most TILE_SIDE x TILE_SIDE positions), so each chunk's window stays small."""
         if not self._windowed(shape):
             return list(rows.split(per_chunk))
         C, H, W = shape
-        side = max(1, min(2, int(math.sqrt(per_chunk / C))))  # small tiles: windows grow per layer
+        side = max(1, min(TILE_SIDE, int(math.sqrt(per_chunk / C))))
         h, w = (rows // W) % H, rows % W
         tile = (h // side) * ((W + side - 1) // side) + (w // side)
         order = torch.argsort(tile, stable=True)

@@ -308,3 +308,28 @@ def test_fold_transpose_is_the_transposed_convolution(c_in, stride, pad, k, side
     want = torch.cat([vjp(lam[i:i + 1])[0] for i in range(6)])
     got = _transpose(lam, weight, (stride, stride), (pad, pad), (1, 1), 1, (side, side))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("c_in,c_out,stride,pad,kernel,side", [
+    (3, 8, (2, 2), 1, (4, 4), 32),   # the oval21-style first layer
+    (8, 16, (2, 2), 1, (4, 4), 9),   # an odd map: the last input row is reached by no window (output padding)
+    (2, 4, (2, 1), 0, (4, 3), 10),   # unequal strides, a non-square kernel
+    (1, 5, (3, 3), 2, (6, 3), 11),   # stride 3
+    (16, 32, (2, 2), 0, (2, 2), 8),  # the largest channel counts it takes
+])
+def test_phase_transpose_is_the_transposed_convolution(c_in, c_out, stride, pad, kernel, side):
+    """Strided transposed convolutions with few channels go through their stride phases (one
+    conv2d): the vector-Jacobian product of the convolution, with and without padding."""
+    from verikit.domains.conv_windows import _phases_pay, _transpose
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(c_in * 7 + side)
+    weight = torch.randn((c_out, c_in) + kernel, generator=gen, dtype=DT)
+    assert _phases_pay(weight, stride, (1, 1), 1)
+    x0 = torch.zeros(1, c_in, side, side, dtype=DT)
+    y, vjp = torch.func.vjp(lambda x: F.conv2d(x, weight, None, stride, pad), x0)
+    lam = torch.randn((5,) + tuple(y.shape[1:]), generator=gen, dtype=DT)
+    want = torch.cat([vjp(lam[i:i + 1])[0] for i in range(5)])
+    got = _transpose(lam, weight, stride, (pad, pad), (1, 1), 1, (side, side))
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert not _phases_pay(weight, (1, 1), (1, 1), 1) and not _phases_pay(weight, stride, (2, 2), 1)
