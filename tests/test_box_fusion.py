@@ -82,11 +82,34 @@ def test_the_expected_groups_are_fused():
     g = cnn(torch.Generator().manual_seed(0))
     groups = {last: [n.name for n in grp.nodes] for last, grp in fusion_groups(g, None).items()}
     # chan's scale is per channel but c2 has groups: chan stays out; bn2 has two consumers: c3
-    # does not take it as a pre-op, and c3 cannot take res (an Add) as a post-op
-    assert groups == {"aff": ["norm", "c1", "bn1", "aff"], "bn2": ["c2", "bn2"]}
+    # does not take it as a pre-op, and c3 cannot take res (an Add) as a post-op; c3 and fc
+    # are groups of their own
+    assert groups == {"aff": ["norm", "c1", "bn1", "aff"], "bn2": ["c2", "bn2"], "c3": ["c3"], "fc": ["fc"]}
     g = mlp_normalized(torch.Generator().manual_seed(0))
     assert {k: [n.name for n in v.nodes] for k, v in fusion_groups(g, None).items()} == {
-        "bn1": ["sub", "div", "flat", "fc1", "bn1"]}
+        "bn1": ["sub", "div", "flat", "fc1", "bn1"], "fc2": ["fc2"]}
+
+
+@pytest.mark.parametrize("label", sorted(GRAPHS))
+def test_lo_hi_boxes_enter_with_halved_weights_bit_for_bit(label, monkeypatch):
+    """A box given by lo and hi (the input, a ReLU's output) enters a group as lo + hi and
+    hi - lo with halved weights: the intervals of forming c and r first, bit for bit."""
+    from verikit.domains import box_fusion
+
+    gen = torch.Generator().manual_seed(11)
+    graph = GRAPHS[label](gen)
+    box = _box(gen, graph, batch=4)
+    seen = []
+    original = box_fusion._weights
+    monkeypatch.setattr(box_fusion, "_weights", lambda g, gr, ctx, halved: seen.append(halved) or original(g, gr, ctx, halved))
+    runs = []
+    with torch.no_grad():
+        for halved in (True, False):
+            monkeypatch.setattr(box_fusion, "HALVED_WEIGHTS", halved)
+            runs.append(propagate_box(graph, Box(box.lo.clone(), box.hi.clone())))
+    assert any(seen) and not all(seen)  # the first run took the halved form (input, ReLU outputs)
+    for n in graph.nodes:
+        assert torch.equal(runs[0][n.name].lo, runs[1][n.name].lo) and torch.equal(runs[0][n.name].hi, runs[1][n.name].hi)
 
 
 @pytest.mark.parametrize("label", sorted(GRAPHS))
