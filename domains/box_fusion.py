@@ -61,7 +61,10 @@ def _core_ok(node: ir.Node, graph: ir.Graph) -> bool:
 
 def _fits(t: Optional[Tensor], shape: tuple) -> bool:
     """t broadcasts to the batched shape (1, *shape) without enlarging it."""
-    return t is None or (t.dim() <= len(shape) + 1 and torch.broadcast_shapes(t.shape, (1,) + shape) == (1,) + shape)
+    if t is None:
+        return True
+    target = (1,) + tuple(shape)  # compared by hand: torch.broadcast_shapes costs ~60 us a call
+    return t.dim() <= len(target) and all(a in (1, b) for a, b in zip(reversed(t.shape), reversed(target)))
 
 
 def _per_channel(t: Optional[Tensor], shape: tuple) -> bool:
