@@ -395,7 +395,8 @@ class ReluSearch:
                     child_bounds[p][1].append(hi)
         inputs = Box(self.box.lo.expand((2 * D,) + self.box.lo.shape[1:]), self.box.hi.expand((2 * D,) + self.box.hi.shape[1:]))
         batch = SubdomainBatch(inputs, {n: torch.stack(v) for n, v in child_signs.items()},
-                               {p: (torch.stack(lo), torch.stack(hi)) for p, (lo, hi) in child_bounds.items()})
+                               {p: (torch.stack(lo), torch.stack(hi)) for p, (lo, hi) in child_bounds.items()},
+                               changed=[(name,) for _, name, _ in picks for _ in (1, -1)])
         floors = lower[parent_of]
         return batch, parent_of, floors
 

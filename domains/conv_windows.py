@@ -18,7 +18,7 @@ so rows of a conv layer after such a pooling no longer fall back to the dense fo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -29,9 +29,10 @@ from verikit import ir
 
 
 FEW_CHANNELS = 3  # transposed convolutions onto at most this many channels go through fold
-# strided transposed convolutions with at most this many channels (in, out of the forward
-# conv) go through their stride phases: torch's strided conv_transpose2d is slow there on CPU
-PHASE_IN_CHANNELS, PHASE_OUT_CHANNELS = 16, 32
+# strided transposed convolutions with at most this many input times output channels (of the
+# forward conv) go through their stride phases: torch's strided conv_transpose2d is slow there
+# on CPU (16 x 16: 1.1-2.7x faster by phases; 16 x 32: as fast either way; 32 x 32: 0.7-0.95x)
+PHASE_CHANNELS = 256
 
 
 class Window:
@@ -78,12 +79,14 @@ def accumulate(a, b, shape: tuple):
 
 
 def _transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple, dilation: tuple, groups: int,
-               out_hw: tuple) -> Tensor:
-    """The transposed convolution of lam (N, C_out, h, w) onto an (N, C_in, *out_hw) map."""
+               out_hw: tuple, phases: Optional[Tensor] = None) -> Tensor:
+    """The transposed convolution of lam (N, C_out, h, w) onto an (N, C_in, *out_hw) map
+    (`phases`: the weight's `phase_kernel`, where the caller keeps it)."""
     N, C_out, h, w = lam.shape
     C_in, kh, kw = weight.shape[1:]
     if _phases_pay(weight, stride, dilation, groups):
-        return _phase_transpose(lam, weight, stride, padding, out_hw)
+        return _phase_transpose(lam, phase_kernel(weight, stride) if phases is None else phases, C_in, stride,
+                                padding, out_hw)
     if groups == 1 and C_in <= FEW_CHANNELS and tuple(dilation) == (1, 1):
         cols = torch.matmul(weight.reshape(C_out, C_in * kh * kw).t(), lam.reshape(N, C_out, h * w))
         return F.fold(cols, out_hw, (kh, kw), padding=padding, stride=stride)
@@ -97,10 +100,20 @@ def _transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple, dilat
 def _phases_pay(weight: Tensor, stride: tuple, dilation: tuple, groups: int) -> bool:
     C_out, C_in, kh, kw = weight.shape
     return (groups == 1 and tuple(dilation) == (1, 1) and max(stride) > 1 and kh % stride[0] == 0
-            and kw % stride[1] == 0 and C_in <= PHASE_IN_CHANNELS and C_out <= PHASE_OUT_CHANNELS)
+            and kw % stride[1] == 0 and C_in * C_out <= PHASE_CHANNELS)
 
 
-def _phase_transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple, out_hw: tuple) -> Tensor:
+def phase_kernel(weight: Tensor, stride: tuple) -> Tensor:
+    """The sub-kernels of every stride phase as one conv2d weight (C_in * s_h * s_w, C_out, kh / s_h,
+    kw / s_w): sub[c_in, p, q, c_out, i, j] = weight[c_out, c_in, p + s_h i, q + s_w j], flipped in
+    i and j (a convolution is a correlation with the flipped kernel)."""
+    C_out, C_in, kh, kw = weight.shape
+    sh, sw = stride
+    sub = weight.reshape(C_out, C_in, kh // sh, sh, kw // sw, sw).permute(1, 3, 5, 0, 2, 4).flip(-2, -1)
+    return sub.reshape(C_in * sh * sw, C_out, kh // sh, kw // sw)
+
+
+def _phase_transpose(lam: Tensor, kernel: Tensor, C_in: int, stride: tuple, padding: tuple, out_hw: tuple) -> Tensor:
     """conv_transpose2d(lam, weight, stride, padding) on an (N, C_in, *out_hw) map, by phases:
     output row s*a + p only receives kernel rows p, p + s, ... (the sub-kernel of phase p), so
     phase p is the full convolution of lam with that sub-kernel. One conv2d computes every
@@ -108,14 +121,10 @@ def _phase_transpose(lam: Tensor, weight: Tensor, stride: tuple, padding: tuple,
     products, summed in another order. (2 threads, CPU: oval21-style 3 <- 8 channels, 4x4/2,
     20000 rows of 3x3: 117 ms -> 17 ms; 8 <- 16 on 6400 dense 8x8 rows: 170 -> 138 ms; at stride
     1, or with 32 <- 64 channels, torch's own is faster.)"""
-    N, C_out, h, w = lam.shape
-    C_in, kh, kw = weight.shape[1:]
+    N = lam.shape[0]
     sh, sw = stride
-    Kh, Kw = kh // sh, kw // sw
-    # sub[c_in, p, q, c_out, i, j] = weight[c_out, c_in, p + sh i, q + sw j], flipped in i, j
-    # (a convolution is a correlation with the flipped kernel)
-    sub = weight.reshape(C_out, C_in, Kh, sh, Kw, sw).permute(1, 3, 5, 0, 2, 4).flip(-2, -1)
-    y = F.conv2d(lam, sub.reshape(C_in * sh * sw, C_out, Kh, Kw), None, 1, (Kh - 1, Kw - 1))
+    Kh, Kw = kernel.shape[-2:]
+    y = F.conv2d(lam, kernel, None, 1, (Kh - 1, Kw - 1))
     H, W = y.shape[-2:]
     full = y.reshape(N, C_in, sh, sw, H, W).permute(0, 1, 4, 2, 5, 3).reshape(N, C_in, H * sh, W * sw)
     # the transposed convolution's output is full[p : p + out] (zeros past its end)
@@ -131,6 +140,14 @@ class ConvForm:
     padding: tuple
     dilation: tuple
     groups: int
+    _phases: Optional[Tensor] = field(default=None, repr=False)
+
+    def phases(self) -> Optional[Tensor]:
+        """The weight's phase_kernel where the transposed convolution goes through phases (formed
+        once per engine: the engine's ConvForms live as long as its weights do not change)."""
+        if self._phases is None and _phases_pay(self.weight, self.stride, self.dilation, self.groups):
+            self._phases = phase_kernel(self.weight, self.stride)
+        return self._phases
 
 
 def conv_form(op: ir.Op) -> Optional[ConvForm]:
@@ -166,7 +183,7 @@ def dense_backward(conv: ConvForm, lam: Tensor, in_shape: tuple):
         if not 0 <= size - ((n - 1) * s - 2 * p + d * (k - 1) + 1) < max(s, d):
             return None
     g = _transpose(lam.reshape(B * m, C_out, h, w), conv.weight, conv.stride, conv.padding, conv.dilation,
-                   conv.groups, (H, W))
+                   conv.groups, (H, W), conv.phases())
     const = lam.sum((-2, -1)) @ conv.bias if conv.bias is not None else None
     return g.reshape((B, m) + tuple(in_shape)), const
 
@@ -180,7 +197,8 @@ def window_backward(conv: ConvForm, win: Window, in_shape: tuple):
         return Window(g.reshape((B, m) + g.shape[1:]), win.top * sh, win.left * sw), None
     kh, kw = conv.weight.shape[-2:]
     full = ((h - 1) * sh + dh * (kh - 1) + 1, (w - 1) * sw + dw * (kw - 1) + 1)
-    g = _transpose(win.lam.reshape(B * m, C_out, h, w), conv.weight, (sh, sw), (0, 0), (dh, dw), conv.groups, full)
+    g = _transpose(win.lam.reshape(B * m, C_out, h, w), conv.weight, (sh, sw), (0, 0), (dh, dw), conv.groups, full,
+                   conv.phases())
     H, W = in_shape[-2:]
     t0, l0 = win.top * sh - ph, win.left * sw - pw  # input position of g's corner
     r0, r1 = max(t0, 0), min(t0 + g.shape[-2], H)

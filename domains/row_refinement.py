@@ -171,10 +171,11 @@ class RowRefinement:
             name = node.inputs[0]
         return True
 
-    def refine_intermediate(self) -> None:
+    def refine_intermediate(self, only: Optional[set] = None) -> None:
         """Bounds for every pre-activation node by back-substitution, in topological order; after
         each, interval bounds downstream are refreshed from the tighter ones (so later layers
-        select fewer unstable neurons)."""
+        select fewer unstable neurons). `only`: the nodes to back-substitute, where the store
+        already holds back-substituted bounds of the others (branch and bound's children)."""
         inputs = self.store[self.graph.input_name]
         nodes = self.preactivation_nodes()
         per_pass = 0 if self.forward_prescreen is False else \
@@ -183,39 +184,52 @@ class RowRefinement:
             # one sample at a time (a group shares no arithmetic, only the union of its samples'
             # unstable rows: CNN7 at batch 4, groups of 3 took 69 s and 6.9 GB, singles 39 s and
             # 2.4 GB, the same margins)
-            return self._refine_each_sample(nodes)
+            return self._refine_each_sample(nodes, only)
         self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
         for name in nodes:
             if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
                 self.store.update(name, forward.bounds(name))
-            if self.box_is_exact(name):
+            if self.box_is_exact(name) or (only is not None and name not in only):
                 continue
             self.refine_node(name)
             propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None,
                           after=name if self.fast_paths else None)
         self.forward = None  # its coefficient tensors are large: not kept past this point
 
-    def _refine_each_sample(self, nodes: list) -> None:
-        """refine_intermediate for one sample at a time (each with the pre-screen and its own
-        unstable rows: its bounds are those of the sample alone), merged back into this engine's
-        store. The samples are refined on the part of the graph the pre-activation nodes depend
-        on: what follows (a folded per-sample spec, sized for the whole batch) is refreshed once
-        for the whole batch after. (Never with error radii: the pre-screen does not run in the
-        float-sound mode.)"""
+    def refine_groups(self, groups: list) -> None:
+        """refine_intermediate for groups of samples: (index tensor, `only` set) each, e.g. branch
+        and bound's children grouped by the layer of their new split."""
+        if len(groups) == 1:
+            return self.refine_intermediate(groups[0][1])
+        self._refine_subsets(self.preactivation_nodes(), groups, self.forward_prescreen)
+
+    def _refine_each_sample(self, nodes: list, only: Optional[set] = None) -> None:
+        """refine_intermediate for one sample at a time, each with the pre-screen and its own
+        unstable rows (its bounds are those of the sample alone)."""
+        samples = [(torch.tensor([b], device=self.device), only) for b in range(self.batch)]
+        self._refine_subsets(nodes, samples, True)
+
+    def _refine_subsets(self, nodes: list, subsets: list, prescreen: Optional[bool]) -> None:
+        """refine_intermediate on subsets of the batch ((index tensor, `only`) each), merged back
+        into this engine's store. The subsets are refined on the part of the graph the
+        pre-activation nodes depend on: what follows (a folded per-sample spec, sized for the
+        whole batch) is refreshed once for the whole batch after."""
         head = self._nonlinear_part()
-        parts = []
-        for b in range(self.batch):
-            sub = type(self)(head, self.store.select(slice(b, b + 1)), self.ctx, self.variant,
-                             self.max_rows, self.windows, None, self.fast_paths, self.per_sample_rows)
-            sub.forward_prescreen = True
-            sub.refine_intermediate()
+        merged = {name: (box.lo.clone(), box.hi.clone()) for name, box in self.store.items()}
+        for idx, only in subsets:
+            errors = {k: v[idx] if v.shape[0] == self.batch else v for k, v in self.errors.items()} or None
+            sub = type(self)(head, self.store.select(idx), self.ctx, self.variant, self.max_rows, self.windows,
+                             errors, self.fast_paths, self.per_sample_rows)
+            sub.forward_prescreen = prescreen
+            sub.refine_intermediate(only)
             self.rows_bounded += sub.rows_bounded
             self.nodes_refined = max(self.nodes_refined, sub.nodes_refined)
-            parts.append(sub.store)
-        for name in list(self.store):
-            self.store.update(name, Box(torch.cat([p[name].lo for p in parts]), torch.cat([p[name].hi for p in parts])))
+            for name, (lo, hi) in merged.items():
+                lo[idx], hi[idx] = sub.store[name].lo, sub.store[name].hi
+        for name, (lo, hi) in merged.items():
+            self.store.update(name, Box(lo, hi))
         propagate_box(self.graph, self.store[self.graph.input_name], self.store, self.ctx,
-                      after=nodes[-1] if self.fast_paths else None)
+                      widen=self.errors or None, after=nodes[-1] if self.fast_paths else None)
 
     def _nonlinear_part(self) -> ir.Graph:
         """The subgraph of the non-linear ops and everything they read (so the same nodes are

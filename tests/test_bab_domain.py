@@ -202,3 +202,40 @@ def test_default_vnnlib_chain_is_complete_and_sound_mode_refuses_bab():
     assert _domain_names(None) == ["box", "deeppoly", "crown"]
     with pytest.raises(VerikitError, match="bab"):
         check_sound_domains(["box", "bab"])
+
+
+def test_children_back_substitute_only_downstream_of_their_splits(monkeypatch):
+    """A child differs from its parent only downstream of the new split: the pre-activation
+    nodes above it keep the parent's bounds (the same ones a new back-substitution would give),
+    children are refined in groups by the layer of their split. The search is the same with
+    and without the groups; they refine fewer sub-domains."""
+    from verikit.domains import alpha_beta
+    from verikit.domains.row_refinement import RowRefinement
+
+    graph, box, spec = _hard_case()
+    refined = []
+    original = RowRefinement.refine_node
+    monkeypatch.setattr(RowRefinement, "refine_node", lambda self, name: refined.append(self.batch) or original(self, name))
+    runs, counts = [], []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(alpha_beta, "refinement_groups", lambda g, changed: None)
+        refined.clear()
+        runs.append(get_domain("bab", input_split=False, deterministic=True, max_domains=40, alpha_steps=5,
+                               beta_steps=3, timeout=120.0).bound(graph, box, spec))
+        counts.append(sum(refined))  # sub-domains refined, over all nodes
+    assert runs[0].status == runs[1].status
+    assert runs[0].info["samples"][0]["visited"] == runs[1].info["samples"][0]["visited"] > 3
+    torch.testing.assert_close(runs[0].lower, runs[1].lower, rtol=1e-5, atol=1e-5)
+    assert counts[0] < counts[1], counts
+
+
+def test_downstream_follows_every_path():
+    from verikit.domains.alpha_beta import downstream
+
+    graph, _, _ = _hard_case()
+    names = [n.name for n in graph.nodes]
+    first_relu = next(n.name for n in graph.nodes if n.op.is_activation)
+    assert downstream(graph, None) is None
+    assert downstream(graph, (first_relu,)) == set(names[names.index(first_relu) + 1:])
+    assert downstream(graph, (graph.output,)) == set()
