@@ -109,6 +109,9 @@ def downstream(graph: ir.Graph, names: Optional[tuple]) -> Optional[set]:
     return seen
 
 
+DOWNSTREAM_ONLY = True  # children refined only below their new split (off: only to compare)
+
+
 def refinement_groups(graph: ir.Graph, changed: Optional[list]) -> Optional[list]:
     """The sub-domains grouped by the nodes downstream of their new splits: [(index tensor,
     nodes)], or None where every node may have changed."""
@@ -234,7 +237,7 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
         engine = LinearBoundEngine(folded, store, ctx, "crown", max_rows_per_chunk, True, errors)
         # plain CROWN (beta = 0) under the splits, the starting point: where the rest is inherited,
         # only downstream of the new splits (the same bounds, fewer passes)
-        groups = refinement_groups(folded, batch.changed)
+        groups = refinement_groups(folded, batch.changed) if DOWNSTREAM_ONLY else None
         engine.refine_intermediate() if groups is None else engine.refine_groups(groups)
     empty |= _empty(store, engine.batch)
     signs = batch.signs

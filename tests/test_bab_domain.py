@@ -219,7 +219,7 @@ def test_children_back_substitute_only_downstream_of_their_splits(monkeypatch):
     runs, counts = [], []
     for skip in (True, False):
         if not skip:
-            monkeypatch.setattr(alpha_beta, "refinement_groups", lambda g, changed: None)
+            monkeypatch.setattr(alpha_beta, "DOWNSTREAM_ONLY", False)
         refined.clear()
         runs.append(get_domain("bab", input_split=False, deterministic=True, max_domains=40, alpha_steps=5,
                                beta_steps=3, timeout=120.0).bound(graph, box, spec))

@@ -14,3 +14,11 @@ def test_bench_train_times_every_method_on_a_small_model():
     assert set(best) == set(peak) == {kind for kind, _ in bench_train.METHODS}
     assert all(0 < t < math.inf for t in best.values())
     assert all(math.isfinite(gb) for gb in peak.values())
+
+
+def test_bench_bab_children_runs_and_its_verdicts_agree(capsys):
+    import bench_bab_children
+
+    assert bench_bab_children.main(["--nets", "mnist-sabr-0.1", "--images", "2", "--timeout", "2", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "downstream" in out and "contradicting verdicts: 0" in out
