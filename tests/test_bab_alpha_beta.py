@@ -190,3 +190,46 @@ def test_contradictory_splits_are_empty():
     res = bound_subdomains(graph, feasible, steps=30, lr_beta=0.2, intermediate=True)
     assert not bool(res.empty[0])
     assert float(res.lower[0, 0]) <= 0.6 + 1e-9  # x = 0 gives 0.6
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_children_refined_below_their_split_equal_a_full_refinement(net):
+    """Children of bounded parents, each split once more on a ReLU of another layer, bounded
+    with `changed` (only the nodes below each child's new split are back-substituted, in groups
+    by layer) and without it (every node again): the same bounds, which hold on sampled points
+    that satisfy the splits."""
+    gen = torch.Generator().manual_seed(5)
+    graph = NETS[net](3)
+    box = input_box(gen, graph.input_shape, batch=1, width=1.5)
+    parents = random_splits(graph, box, 3, gen, max_splits=1)
+    parent = bound_subdomains(graph, parents, steps=2, intermediate=False)
+    relus = [n.name for n in relu_nodes(graph)]
+    signs = {n: [] for n in relus}
+    bounds = {p: ([], []) for p in parent.pre_bounds}
+    changed = []
+    for k in range(3):
+        for c, sign in enumerate((1, -1)):
+            name = relus[(k + c) % len(relus)]  # children of one parent split on different layers too
+            lo, hi = parent.pre_bounds[graph.node(name).inputs[0]]
+            open_ = ((lo[k] < 0) & (hi[k] > 0) & (parents.signs[name][k] == 0)).reshape(-1).nonzero().flatten()
+            for n in relus:
+                s = parents.signs[n][k].clone()
+                if n == name and open_.numel():
+                    s.view(-1)[open_[0]] = sign
+                signs[n].append(s)
+            for p, (plo, phi) in parent.pre_bounds.items():
+                bounds[p][0].append(plo[k])
+                bounds[p][1].append(phi[k])
+            changed.append((name,))
+    inputs = Box(box.lo.expand((6,) + box.lo.shape[1:]), box.hi.expand((6,) + box.hi.shape[1:]))
+    runs = []
+    for ch in (changed, None):
+        children = SubdomainBatch(inputs, {n: torch.stack(v) for n, v in signs.items()},
+                                  {p: (torch.stack(lo), torch.stack(hi)) for p, (lo, hi) in bounds.items()}, ch)
+        runs.append((children, bound_subdomains(graph, children, steps=2, intermediate=False)))
+    (children, grouped), (_, full) = runs
+    torch.testing.assert_close(grouped.lower, full.lower, rtol=1e-9, atol=1e-9)
+    for p in full.pre_bounds:
+        torch.testing.assert_close(grouped.pre_bounds[p][0], full.pre_bounds[p][0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(grouped.pre_bounds[p][1], full.pre_bounds[p][1], rtol=1e-9, atol=1e-9)
+    assert sample_check(graph, box, children, grouped.lower) >= 1
