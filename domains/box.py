@@ -101,14 +101,15 @@ def _rule_for(op: ir.Op) -> Callable:
 
 def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = None, ctx=None,
                   widen: Union[None, dict, Callable] = None, after: Optional[str] = None,
-                  fuse: bool = True) -> BoundStore:
+                  fuse: bool = True, until: Optional[str] = None) -> BoundStore:
     """Interval bounds for every node of `graph`; intersected with (and written into) `store`.
 
     `widen` (the float-sound mode) enlarges each node's interval by a radius: a dict node ->
     radius, or a function (node, input boxes, output box) -> radius or None. `after`: only the
     nodes after this one (in graph order) are recomputed, from the store's bounds of the
-    others (the same result when only that node's bounds changed since the last pass).
-    `fuse=False` runs every node's own rule (the reference the fused groups are tested against)."""
+    others (the same result when only that node's bounds changed since the last pass); `until`:
+    none after this one. `fuse=False` runs every node's own rule (the reference the fused groups
+    are tested against)."""
     graph.check_input(inputs.lo)
     fresh = store is None or len(store) == 0
     store = store if store is not None else BoundStore()
@@ -117,10 +118,12 @@ def propagate_box(graph: ir.Graph, inputs: Box, store: Optional[BoundStore] = No
     if after is not None:
         start = next(i for i, n in enumerate(nodes) if n.name == after) + 1
         nodes = nodes[start:]
+    if until is not None:
+        nodes = nodes[:next(i for i, n in enumerate(nodes) if n.name == until) + 1]
     # fused affine groups (box_fusion.py): only on a full pass into an empty store, where no
     # stored bound of an inner node would have tightened the result, and without autograd, so
     # that training (IBP/SABR) keeps its arithmetic and reproduces bit for bit
-    use = fuse and fresh and widen is None and after is None and not torch.is_grad_enabled()
+    use = fuse and fresh and widen is None and after is None and until is None and not torch.is_grad_enabled()
     groups = fusion_groups(graph, ctx) if use else {}
     inner = {n.name for g in groups.values() for n in g.nodes[:-1]}
     for node in nodes:

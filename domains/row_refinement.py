@@ -174,8 +174,11 @@ class RowRefinement:
     def refine_intermediate(self, only: Optional[set] = None) -> None:
         """Bounds for every pre-activation node by back-substitution, in topological order; after
         each, interval bounds downstream are refreshed from the tighter ones (so later layers
-        select fewer unstable neurons). `only`: the nodes to back-substitute, where the store
-        already holds back-substituted bounds of the others (branch and bound's children)."""
+        select fewer unstable neurons), lazily: up to the next node refined, just before it is
+        (the nodes beyond would be recomputed again from tighter bounds; a 9x200 MLP did 8
+        refreshes of 8 nodes on average, now each node once). `only`: the nodes to
+        back-substitute, where the store already holds back-substituted bounds of the others
+        (branch and bound's children)."""
         inputs = self.store[self.graph.input_name]
         nodes = self.preactivation_nodes()
         per_pass = 0 if self.forward_prescreen is False else \
@@ -186,15 +189,26 @@ class RowRefinement:
             # 2.4 GB, the same margins)
             return self._refine_each_sample(nodes, only)
         self.forward = forward = ForwardBounds(self, nodes) if per_pass else None
+        last = None  # the last node refined: the interval refresh after it is still to do
         for name in nodes:
             if forward is not None:  # settle what forward mode proves stable (forward_bounds.py)
                 self.store.update(name, forward.bounds(name))
             if self.box_is_exact(name) or (only is not None and name not in only):
                 continue
+            if last is not None:
+                self._refresh(inputs, last, name)
             self.refine_node(name)
-            propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None,
-                          after=name if self.fast_paths else None)
+            last = name
+        if last is not None:
+            self._refresh(inputs, last, None)
         self.forward = None  # its coefficient tensors are large: not kept past this point
+
+    def _refresh(self, inputs: Box, after: str, until: Optional[str]) -> None:
+        """Interval bounds of the nodes after `after` up to `until` (None: to the end) from the
+        store's; on the general rules every node, as a reference."""
+        fast = self.fast_paths
+        propagate_box(self.graph, inputs, self.store, self.ctx, widen=self.errors or None,
+                      after=after if fast else None, until=until if fast else None)
 
     def refine_groups(self, groups: list) -> None:
         """refine_intermediate for groups of samples: (index tensor, `only` set) each, e.g. branch
