@@ -77,3 +77,35 @@ def test_maxpool_relaxation_exact_when_one_input_dominates():
     assert rel.exact.all() and rel.index.item() == 0
     rel2 = maxpool_relaxation(ir.MaxPool2d((2, 2), (2, 2)), l - torch.tensor([[[[2.0, 0, 0, 0]]]]).reshape(1, 1, 2, 2), u, (1, 1))
     assert not rel2.exact.any() and rel2.upper_const.item() == 6.0
+
+
+def _fit_one_point_at_a_time(slope, bias, points, f, above):
+    """The definition of relaxations._fit, point by point: the intercept moved until the line is
+    on the right side of f at every point (float64 check with slack), rounded outward."""
+    s64, b64 = slope.double(), bias.double()
+    sign = 1 if above else -1
+    gaps = []
+    for p in points:
+        fp, sp = f(p.double()), s64 * p.double()
+        gaps.append(sign * (fp - (sp + b64)) + 2.0 ** -51 * (fp.abs() + sp.abs() + b64.abs()))
+    need = b64 + sign * torch.stack(gaps).amax(0).clamp(min=0)
+    out = need.to(slope.dtype)
+    wrong = out.double() < need if above else out.double() > need
+    return torch.where(wrong, torch.nextafter(out, torch.full_like(out, float("inf") if above else float("-inf"))), out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("f", [lambda x: torch.where(x >= 0, x, 0.1 * x), torch.sigmoid, torch.tanh, torch.exp])
+def test_fit_moves_intercepts_as_point_by_point(dtype, f):
+    """All points at once give the intercepts of the point-by-point definition, bit for bit."""
+    from verikit.domains.relaxations import _fit
+
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(5):
+        l = (torch.randn(64, generator=gen) * 4).to(dtype)
+        u = l + torch.rand(64, generator=gen).to(dtype) * 6
+        slope = torch.rand(64, generator=gen).to(dtype)
+        bias = (torch.randn(64, generator=gen) * 2).to(dtype)
+        points = [l, u, torch.clamp(torch.zeros_like(l), l, u)][: 1 + trial % 3]
+        for above in (True, False):
+            assert torch.equal(_fit(slope, bias, points, f, above), _fit_one_point_at_a_time(slope, bias, points, f, above))
