@@ -222,13 +222,15 @@ def _all_terms(betas: dict, gammas: dict, signs: dict) -> dict:
 def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: int = 20, lr_alpha: float = 0.1,
                      lr_beta: float = 0.05, alpha_init: Optional[dict] = None, beta_init: Optional[dict] = None,
                      intermediate: bool = True, guard: bool = True, max_rows_per_chunk: int = 4096,
-                     floor: Optional[Tensor] = None) -> BatchBounds:
+                     floor: Optional[Tensor] = None, proven=None) -> BatchBounds:
     """Lower bounds of every output row of `folded` (the spec-folded graph) on each sub-domain.
 
     `alpha_init` / `beta_init`: per ReLU node (D, m, *shape) starting points (a parent's, so
     children start where their parent stopped; missing ones start at CROWN's slopes / 0).
     `guard`: run with the rounding guard's node errors (every bound already below its guard).
-    `floor` (D, m): bounds known to hold (a parent's); the result is never below it."""
+    `floor` (D, m): bounds known to hold (a parent's); the result is never below it.
+    `proven`: (D, m) lower bounds -> (D,) bool, the caller's test; the steps stop once every
+    sub-domain passes it (or is empty): more steps could not change what the caller decides."""
     from .guard import node_errors
 
     with torch.no_grad():
@@ -263,6 +265,8 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
     opt = torch.optim.Adam([g for g in groups if g["params"]]) if params and steps > 0 else None
     done = 0
     for step in range(steps if opt is not None else 0):
+        if proven is not None and bool((proven(best) | empty).all()):
+            break  # (before the first step too: a parent's floor or plain CROWN may prove them all)
         with torch.enable_grad():
             lower, own = _pass(engine, plan, inter, best_pre, alphas, betas, signs, eye, gammas)
             improved = lower.detach() > best

@@ -292,7 +292,8 @@ class ReluSearch:
         steps = self.cfg["alpha_steps"] if steps is None else steps
         root = bound_subdomains(self.folded, SubdomainBatch(self.box, signs, pre_bounds), self.ctx, steps,
                                 self.cfg["alpha_lr"], self.cfg["beta_lr"], alpha_init, beta_init,
-                                intermediate=self.cfg["intermediate"] != "off" and alpha_init is None, floor=floor)
+                                intermediate=self.cfg["intermediate"] != "off" and alpha_init is None, floor=floor,
+                                proven=self.proven)
         self.root_bounds, self.root_signs = root, signs
         r.visited, r.rounds = 1, 1
         r.lower = root.lower[0].detach().clone()
@@ -338,7 +339,7 @@ class ReluSearch:
             bounds = bound_subdomains(self.folded, batch, self.ctx, self.cfg["beta_steps"], self.cfg["alpha_lr"],
                                       self.cfg["beta_lr"], _stack(parents, parent_of, "alphas"),
                                       _stack(parents, parent_of, "betas"), self.cfg["intermediate"] == "all",
-                                      floor=floors)
+                                      floor=floors, proven=self.proven)
             r.visited += len(parent_of)
             r.rounds += 1
             done = self.proven(bounds.lower) | bounds.empty

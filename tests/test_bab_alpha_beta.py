@@ -233,3 +233,17 @@ def test_children_refined_below_their_split_equal_a_full_refinement(net):
         torch.testing.assert_close(grouped.pre_bounds[p][0], full.pre_bounds[p][0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(grouped.pre_bounds[p][1], full.pre_bounds[p][1], rtol=1e-9, atol=1e-9)
     assert sample_check(graph, box, children, grouped.lower) >= 1
+
+
+def test_steps_stop_once_the_caller_has_proven_every_sub_domain():
+    """`proven` (the search's own test): no step once it holds for every sub-domain, every step
+    while it does not; the bounds stay valid either way."""
+    gen = torch.Generator().manual_seed(2)
+    graph = NETS["mlp"](1)
+    box = input_box(gen, graph.input_shape, batch=1, width=1.0)
+    batch = random_splits(graph, box, 4, gen)
+    all_proven = bound_subdomains(graph, batch, steps=6, intermediate=False, proven=lambda lo: torch.ones(lo.shape[0], dtype=torch.bool))
+    none_proven = bound_subdomains(graph, batch, steps=6, intermediate=False, proven=lambda lo: torch.zeros(lo.shape[0], dtype=torch.bool))
+    assert all_proven.steps == 0 and none_proven.steps == 6
+    assert bool((none_proven.lower >= all_proven.lower - 1e-12).all())
+    sample_check(graph, box, batch, all_proven.lower)
