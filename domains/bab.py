@@ -267,12 +267,9 @@ class ReluSearch:
             rows = self.m + 2 * max((math.prod(shapes[self.pre_of[n]]) for n in self.relus), default=0)
             per_domain = 4 * rows * (relu_total + widest)  # coefficients, their gradients, Adam's moments
             return int(max(1, min(1024, self.cfg["memory_mb"] * 2 ** 20 / (BYTES * per_domain))))
-        # the steps optimise the output rows only; the intermediate rows are bounded without
-        # autograd in chunks of a fixed size. 16: the same four tensors per row, times what the
-        # chunks, the store and the queue add (measured: cnn-small, 256 sub-domains, 0.97 GB at
-        # peak; a 9x200 MLP 0.36 GB). At most 256: more gave no more sub-domains per second
-        # (9x200 at eps 0.035: 179-208 per s with the old estimate's ~60, 487 with 256, 462 with
-        # 512; cnn-small 18 per s with its 6, 156 with 256, 162 with 1024)
+        # the steps optimise the output rows only (intermediate rows: no autograd, fixed chunks);
+        # 16 = four tensors per row x what chunks, store and queue add (cnn-small: 256 sub-domains,
+        # 0.97 GB peak). More than 256 gave no more sub-domains per second (README, bab)
         per_domain = 16 * self.m * (relu_total + widest)
         return int(max(1, min(MAX_BATCH, self.cfg["memory_mb"] * 2 ** 20 / (BYTES * per_domain))))
 
