@@ -117,10 +117,13 @@ def refinement_groups(graph: ir.Graph, changed: Optional[list]) -> Optional[list
     nodes)], or None where every node may have changed."""
     if changed is None:
         return None
-    groups: dict = {}
+    by_names: dict = {}  # children of one parent share their split: one graph walk per split
     for k, names in enumerate(changed):
-        groups.setdefault(frozenset(downstream(graph, tuple(names))), []).append(k)
-    return [(torch.tensor(idx), set(nodes)) for nodes, idx in groups.items()]
+        by_names.setdefault(tuple(names), []).append(k)
+    groups: dict = {}
+    for names, idx in by_names.items():
+        groups.setdefault(frozenset(downstream(graph, names)), []).extend(idx)
+    return [(torch.tensor(sorted(idx)), set(nodes)) for nodes, idx in groups.items()]
 
 
 def _empty(store: BoundStore, D: int, boxes: Optional[dict] = None) -> Tensor:

@@ -265,13 +265,13 @@ class ReluSearch:
         widest = max(math.prod(s) for s in shapes.values())
         if self.cfg["intermediate"] == "all":  # every intermediate row optimised with its own alphas
             rows = self.m + 2 * max((math.prod(shapes[self.pre_of[n]]) for n in self.relus), default=0)
-            per_domain = 4 * rows * (relu_total + widest)  # coefficients, their gradients, Adam's moments
-            return int(max(1, min(1024, self.cfg["memory_mb"] * 2 ** 20 / (BYTES * per_domain))))
-        # the steps optimise the output rows only (intermediate rows: no autograd, fixed chunks);
-        # 16 = four tensors per row x what chunks, store and queue add (cnn-small: 256 sub-domains,
-        # 0.97 GB peak). More than 256 gave no more sub-domains per second (README, bab)
-        per_domain = 16 * self.m * (relu_total + widest)
-        return int(max(1, min(MAX_BATCH, self.cfg["memory_mb"] * 2 ** 20 / (BYTES * per_domain))))
+            per_domain, cap = 4 * rows * (relu_total + widest), 1024  # coefficients, gradients, Adam's moments
+        else:
+            # the steps optimise the output rows only (intermediate rows: no autograd, fixed chunks);
+            # 16 = four tensors per row x what chunks, store and queue add (cnn-small: 256 sub-domains,
+            # 0.97 GB peak). More than 256 gave no more sub-domains per second (README, bab)
+            per_domain, cap = 16 * self.m * (relu_total + widest), MAX_BATCH
+        return int(max(1, min(cap, self.cfg["memory_mb"] * 2 ** 20 / (BYTES * per_domain))))
 
     def _finish(self, status: str, reason: str = "", queue: Optional[SubdomainQueue] = None) -> SearchResult:
         r = self.result

@@ -229,7 +229,9 @@ class RowRefinement:
         pre-activation nodes depend on: what follows (a folded per-sample spec, sized for the
         whole batch) is refreshed once for the whole batch after."""
         head = self._nonlinear_part()
-        merged = {name: (box.lo.clone(), box.hi.clone()) for name, box in self.store.items()}
+        # only the head's nodes change in a subset's store; the rest is refreshed below
+        merged = {name: (self.store[name].lo.clone(), self.store[name].hi.clone())
+                  for name in [head.input_name] + [n.name for n in head.nodes]}
         for idx, only in subsets:
             errors = {k: v[idx] if v.shape[0] == self.batch else v for k, v in self.errors.items()} or None
             sub = type(self)(head, self.store.select(idx), self.ctx, self.variant, self.max_rows, self.windows,
@@ -242,8 +244,7 @@ class RowRefinement:
                 lo[idx], hi[idx] = sub.store[name].lo, sub.store[name].hi
         for name, (lo, hi) in merged.items():
             self.store.update(name, Box(lo, hi))
-        propagate_box(self.graph, self.store[self.graph.input_name], self.store, self.ctx,
-                      widen=self.errors or None, after=nodes[-1] if self.fast_paths else None)
+        self._refresh(self.store[self.graph.input_name], nodes[-1], None)
 
     def _nonlinear_part(self) -> ir.Graph:
         """The subgraph of the non-linear ops and everything they read (so the same nodes are
