@@ -33,7 +33,7 @@ CASES = {"mlp9x200": (0.035, (0, 3)), "mnist-sabr-0.1": (0.15, (2,))}
 def _load(name: str, cache: str):
     import verikit
 
-    if name in ("mlp9x200",):
+    if name == "mlp9x200":
         from bench_vs_lirpa import build_net
 
         net, shape, _, x, y = build_net(name, cache)

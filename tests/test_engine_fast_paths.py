@@ -293,19 +293,28 @@ def test_rounding_guard_and_sound_mode_on_fast_paths(flat_input):
     assert (sound[1][0] < slow[1].double()).all()  # the error terms were charged
 
 
-@pytest.mark.parametrize("c_in,stride,pad,k,side", [(1, 2, 1, 4, 9), (3, 1, 1, 3, 8), (2, 3, 0, 3, 10), (1, 1, 2, 5, 7)])
-def test_fold_transpose_is_the_transposed_convolution(c_in, stride, pad, k, side):
-    """The fold form (few input channels) against torch's transposed convolution, and both
-    against the vector-Jacobian product of the convolution."""
-    from verikit.domains.conv_windows import _transpose
+def _conv_vjp_reference(weight, stride, pad, side, rows, gen):
+    """Random coefficients on the output of conv2d(weight, stride, pad) over a side x side map,
+    and their vector-Jacobian products, one row at a time (the reference transpose)."""
     import torch.nn.functional as F
+
+    x0 = torch.zeros(1, weight.shape[1], side, side, dtype=DT)
+    y, vjp = torch.func.vjp(lambda x: F.conv2d(x, weight, None, stride, pad), x0)
+    lam = torch.randn((rows,) + tuple(y.shape[1:]), generator=gen, dtype=DT)
+    return lam, torch.cat([vjp(lam[i:i + 1])[0] for i in range(rows)])
+
+
+@pytest.mark.parametrize("c_in,stride,pad,k,side", [(1, 2, 1, 4, 9), (3, 1, 1, 3, 8), (2, 3, 0, 3, 10), (1, 1, 2, 5, 7),
+                                                 (1, 2, 1, 3, 9), (3, 2, 0, 5, 11)])  # the last two: fold at stride 2
+def test_fold_transpose_is_the_transposed_convolution(c_in, stride, pad, k, side):
+    """The fold form (few input channels; where the stride divides the kernel, the stride
+    phases take these instead: the first and third case) against the vector-Jacobian product of
+    the convolution."""
+    from verikit.domains.conv_windows import _transpose
 
     gen = torch.Generator().manual_seed(c_in * 10 + k)
     weight = torch.randn(4, c_in, k, k, generator=gen, dtype=DT)
-    x0 = torch.zeros(1, c_in, side, side, dtype=DT)
-    y, vjp = torch.func.vjp(lambda x: F.conv2d(x, weight, None, stride, pad), x0)
-    lam = torch.randn((6,) + tuple(y.shape[1:]), generator=gen, dtype=DT)
-    want = torch.cat([vjp(lam[i:i + 1])[0] for i in range(6)])
+    lam, want = _conv_vjp_reference(weight, stride, pad, side, 6, gen)
     got = _transpose(lam, weight, (stride, stride), (pad, pad), (1, 1), 1, (side, side))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
@@ -321,15 +330,11 @@ def test_phase_transpose_is_the_transposed_convolution(c_in, c_out, stride, pad,
     """Strided transposed convolutions with few channels go through their stride phases (one
     conv2d): the vector-Jacobian product of the convolution, with and without padding."""
     from verikit.domains.conv_windows import _phases_pay, _transpose
-    import torch.nn.functional as F
 
     gen = torch.Generator().manual_seed(c_in * 7 + side)
     weight = torch.randn((c_out, c_in) + kernel, generator=gen, dtype=DT)
     assert _phases_pay(weight, stride, (1, 1), 1)
-    x0 = torch.zeros(1, c_in, side, side, dtype=DT)
-    y, vjp = torch.func.vjp(lambda x: F.conv2d(x, weight, None, stride, pad), x0)
-    lam = torch.randn((5,) + tuple(y.shape[1:]), generator=gen, dtype=DT)
-    want = torch.cat([vjp(lam[i:i + 1])[0] for i in range(5)])
+    lam, want = _conv_vjp_reference(weight, stride, pad, side, 5, gen)
     got = _transpose(lam, weight, stride, (pad, pad), (1, 1), 1, (side, side))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert not _phases_pay(weight, (1, 1), (1, 1), 1) and not _phases_pay(weight, stride, (2, 2), 1)
