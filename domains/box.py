@@ -16,7 +16,7 @@ from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
 from .base import Domain, DomainResult, register_domain
-from .box_fusion import LazyBox, fused_box, fusion_groups
+from .box_fusion import LazyBox, fused_box, fusion_groups, signed_pair
 from .guard import interval_guard
 from .relaxations import round_outward
 
@@ -33,17 +33,24 @@ def _monotone_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
 
 
 def _relu_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
-    """relu(c - r), relu(c + r). Without autograd the clamps run in place on fresh tensors, and
-    the lo/hi of a centre/radius input are not kept in it (two full-size tensors fewer)."""
+    """relu(c - r), relu(c + r). Without autograd both are formed in one pass and clamped in
+    place, and the lo/hi of a centre/radius input are not kept in it (two full-size tensors fewer)."""
     (b,) = boxes
     if torch.is_grad_enabled():
         return _monotone_rule(op, boxes, ctx)
     if "lo" in b.__dict__ or not isinstance(b, _CENTER_RADIUS):
-        lo, hi = b.lo.clamp(min=0), b.hi.clamp(min=0)
-    else:
-        lo = torch.sub(b.center, b.radius).clamp_(min=0)
-        hi = torch.add(b.center, b.radius).clamp_(min=0)
+        return Box(b.lo.clamp(min=0), b.hi.clamp(min=0))
+    lo, hi = signed_pair(b.center, b.radius, (-1.0, 1.0)).clamp_(min=0).unbind(0)  # c - r, c + r in one pass
     return Box(lo, hi)
+
+
+def _reshape_rule(op: ir.Op, boxes: list[Box], ctx) -> Box:
+    """A reshape keeps the box's form: a lo/hi box (a ReLU's output before a Flatten) stays
+    lo/hi, so that the Linear after it takes lo + hi and hi - lo without forming c and r."""
+    (b,) = boxes
+    if isinstance(b, _CENTER_RADIUS) and "lo" not in b.__dict__:
+        return Box.from_center_radius(op.forward(b.center), op.forward(b.radius))
+    return Box(op.forward(b.lo), op.forward(b.hi))
 
 
 def _exclusive_sums(e: torch.Tensor, axis: int) -> torch.Tensor:
@@ -86,6 +93,7 @@ BOX_RULES: dict[type, Callable] = {
     **{t: _affine_rule for t in ir.ALL_OP_TYPES if t.is_affine},
     **{t: _monotone_rule for t in ir.ALL_OP_TYPES if t.is_activation},
     ir.ReLU: _relu_rule,
+    ir.Reshape: _reshape_rule,
     ir.MaxPool2d: _monotone_rule,
     ir.Softmax: _softmax_rule,
     ir.Mul: _product_rule,

@@ -16,7 +16,13 @@ one more saving: a box given by lo and hi (the input, a ReLU's output) enters as
 hi - lo with halved weights, (W / 2)(lo + hi) = W c and (|W| / 2)(hi - lo) = |W| r, which skips
 the two halvings of forming c and r (halving is exact in floating point: the same products
 and sums, bit for bit, barring subnormal weights). (MLP box pass at batch 1024: 2 of its ~16
-element-wise passes over a layer.) The nodes inside a group still get boxes in the store,
+element-wise passes over a layer.) Both are formed in one pass (`signed_pair`), and a Linear
+takes them stacked through one bmm with its two weights stacked in memory order.
+
+The folded spec (C W, C b - d, the graph's output) is a group too when the batch has one spec
+matrix or a few distinct ones (robustness: one per label): C W is formed once per matrix and
+cached, each distinct row of |C W| once (|W_y - W_j| = |W_j - W_y|), and each sample picks its
+own rows; the op's own rule forms C W per sample. The nodes inside a group still get boxes in the store,
 computed from their inputs only if something reads them (`LazyBox`), so later domains and the
 rounding guard see every node. The pass fuses only without autograd (certification, attacks'
 bounds), so training keeps its exact arithmetic; the fused weights are then cached between
@@ -33,6 +39,7 @@ from torch import Tensor
 
 from verikit import ir
 from verikit.bounds import Box
+from verikit.spec import FoldedSpecLinear, distinct_matrices
 
 
 HALVED_WEIGHTS = True  # lo/hi boxes enter as lo + hi, hi - lo (off: only to compare)
@@ -52,11 +59,33 @@ class Group:
         return self.pre + [self.core] + self.post
 
 
+_SIGNS: dict = {}  # (signs, dtype, device, dims) -> the (2, 1, ..., 1) tensor of the two signs
+
+
+def signed_pair(a: Tensor, b: Tensor, signs: tuple) -> Tensor:
+    """(2, *shape): a + signs[0] * b and a + signs[1] * b in one element-wise pass (one
+    allocation and one kernel instead of two). With signs of +-1 the products are exact, so
+    each half is bit for bit a + b or a - b."""
+    key = (signs, a.dtype, a.device, a.dim())
+    s = _SIGNS.get(key)
+    if s is None:
+        s = _SIGNS[key] = torch.tensor(signs, dtype=a.dtype, device=a.device).reshape((2,) + (1,) * a.dim())
+    return torch.addcmul(a, s, b)
+
+
 def _core_ok(node: ir.Node, graph: ir.Graph) -> bool:
     op = node.op
-    if type(op) is ir.Linear:  # not FoldedSpecLinear (per-sample weights) or other subclasses
+    if type(op) is ir.Linear:  # not other subclasses (per-sample weights)
         return op.weight.dim() == 2 and len(graph.shapes[node.inputs[0]]) == 1
+    if type(op) is FoldedSpecLinear:
+        return _spec_ok(op) and len(graph.shapes[node.inputs[0]]) == 1
     return type(op) is ir.Conv2d and len(graph.shapes[node.inputs[0]]) == 3
+
+
+def _spec_ok(op: FoldedSpecLinear) -> bool:
+    """The spec's rows are one matrix for the batch, or a few distinct ones (robustness: one per
+    label), so that C W is formed once per matrix rather than per sample."""
+    return op.inner_weight.dim() == 2 and (op.C.dim() == 2 or distinct_matrices(op.C) is not None)
 
 
 def _fits(t: Optional[Tensor], shape: tuple) -> bool:
@@ -77,7 +106,19 @@ def _per_channel(t: Optional[Tensor], shape: tuple) -> bool:
 
 def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
     """Groups keyed by their last node. A node joins a group only when the group's next node
-    is its sole consumer and it is not the graph's output."""
+    is its sole consumer and it is not the graph's output. Without batch statistics (which
+    decide which BatchNorms may join) the groups are kept on the graph for its next pass."""
+    if ctx is not None and ctx.bn_mode == "batch":
+        return _fusion_groups(graph, ctx)
+    cached = graph.__dict__.get("_fusion_groups")
+    last = graph.nodes[-1] if graph.nodes else None
+    key = (len(graph.nodes), graph.output)
+    if cached is None or cached[0] != key or cached[1] is not last:
+        cached = graph.__dict__["_fusion_groups"] = (key, last, _fusion_groups(graph, None))
+    return cached[2]
+
+
+def _fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
     users = graph.consumers()
     by_name = {n.name: n for n in graph.nodes}
     sole = lambda name: (len(users.get(name, [])) == 1 and name != graph.output)
@@ -87,8 +128,9 @@ def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
         if node.name in taken or not _core_ok(node, graph):
             continue
         pre, src = [], node.inputs[0]
-        allow_scale = type(node.op) is ir.Linear or node.op.groups == 1
-        while src in by_name and src not in taken and sole(src):
+        spec = type(node.op) is FoldedSpecLinear  # the graph's output: a group of its own
+        allow_scale = type(node.op) is ir.Linear or spec or node.op.groups == 1
+        while not spec and src in by_name and src not in taken and sole(src):
             p = by_name[src]
             shape = graph.shapes[p.inputs[0]]
             if isinstance(p.op, ir.Reshape) and type(node.op) is ir.Linear:
@@ -189,7 +231,12 @@ def _sources(group: Group, ctx) -> list:
 
 def _weights(group: Group, graph: ir.Graph, ctx, halved: bool):
     """(weight, bias, |weight|) of the group, the two weights halved where `halved`."""
-    sources = _sources(group, ctx)
+    batch_stats = ctx is not None and ctx.bn_mode == "batch"
+    sources = group.__dict__.get("_sources") if not batch_stats else None
+    if sources is None:
+        sources = _sources(group, ctx)
+        if not batch_stats:  # which tensors a group reads is fixed (its parameters)
+            group.__dict__["_sources"] = sources
     key = tuple((t.data_ptr(), t._version, t.shape, t.dtype, t.device) for t in sources)
     cache = group.core.op.__dict__.setdefault("_box_fusion_cache", {})
     entry = (tuple(n.name for n in group.nodes), halved)
@@ -197,8 +244,85 @@ def _weights(group: Group, graph: ir.Graph, ctx, halved: bool):
         for k in [k for k, v in cache.items() if v[0] != key]:  # only weights of the current parameters
             del cache[k]
         W, b, Wabs = _fused_weights(group, graph, ctx)
-        cache[entry] = (key, (W * 0.5, b, Wabs * 0.5) if halved else (W, b, Wabs))
+        if halved:
+            W, Wabs = W * 0.5, Wabs * 0.5
+        cache[entry] = (key, (W, b, Wabs, _stacked(W, b, Wabs) if W.dim() == 2 else None))
     return cache[entry][1]
+
+
+def _stacked(W: Tensor, b: Optional[Tensor], Wabs: Tensor) -> tuple:
+    """A Linear's two maps as one batched product: (W^T, |W|^T) as a contiguous (2, in, out)
+    tensor and the bias (b, 0) as (2, 1, out) (None without a bias). One bmm of the stacked
+    centre and radius is ~10-15% faster than two F.linear calls at batch 128 on CPU (transposed
+    weights in memory order, one dispatch) and the same at batch 1024."""
+    stacked = torch.stack((W.t(), Wabs.t())).contiguous()
+    bias = None if b is None else torch.stack((b, torch.zeros_like(b))).unsqueeze(1)
+    return stacked, bias
+
+
+# (id(C), halved) -> (the sources' identities and versions, the sources, the spec's rows). The
+# folded spec op is built anew at every bound, so its rows cannot be cached on it; the entry
+# holds the source tensors themselves, so an id or a storage cannot be reused while it lives
+_SPEC_ROWS: dict = {}
+
+
+def _spec_rows(op: FoldedSpecLinear, halved: bool):
+    """What the folded spec's box needs, cached while C, W, b and d are unchanged: the inner
+    weight and bias (W halved where `halved`), the stacked distinct spec matrices (k*m, o), the
+    distinct rows of |C W| (halved too) and, per sample, which of the k*m rows and which |C W|
+    row give its m margins (None: the identity), and the per-sample d to subtract (None: 0).
+
+    The centre is C (W c + b) - d as the op computes it, but with each distinct matrix once
+    (a (k*m, o) product instead of a per-sample one); the radius needs |C W| r, formed once
+    per distinct row: robustness specs have rows W_y - W_j and W_j - W_y, whose absolute values
+    agree bit for bit (negation is exact), so half of them go."""
+    sources = tuple(t for t in (op.C, op.inner_weight, op.inner_bias, op.d) if t is not None)
+    key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
+    entry = _SPEC_ROWS.get((id(op.C), halved))
+    if entry is None or entry[0] != key:
+        if len(_SPEC_ROWS) >= 8:
+            _SPEC_ROWS.clear()
+        C, W, d = op.C, op.inner_weight, op.d
+        index = torch.zeros(1, dtype=torch.long, device=C.device)
+        if C.dim() == 3:
+            groups = distinct_matrices(C)
+            if groups is None:  # too many distinct matrices (C changed since the groups were formed)
+                return None
+            C, index = groups
+        m = C.shape[-2]
+        stacked = C.reshape(-1, C.shape[-1])  # (k*m, o)
+        abs_rows, abs_index = torch.unique((stacked @ W).abs(), dim=0, return_inverse=True)
+        margin_rows = index.view(-1, 1) * m + torch.arange(m, device=C.device)  # (B or 1, m)
+        center_index = None if C.dim() == 2 else margin_rows
+        radius_index = abs_index[margin_rows]
+        if C.dim() == 2 and torch.equal(abs_index, torch.arange(m, device=C.device)):
+            radius_index = None
+        shift = -d if d.dim() == 1 else None  # one threshold vector for the batch: a bias
+        per_sample_d = None if d.dim() == 1 or not bool((d != 0).any()) else d
+        w = 0.5 if halved else 1.0
+        weights = (W * w, op.inner_bias, stacked, shift, abs_rows * w, center_index, radius_index, per_sample_d)
+        entry = _SPEC_ROWS[(id(op.C), halved)] = (key, sources, weights)
+    return entry[2]
+
+
+def _spec_box(core: FoldedSpecLinear, box: Box, halved: bool) -> Box:
+    rows = _spec_rows(core, halved)
+    if rows is None or (rows[5] is not None and rows[5].shape[0] != box.shape[0]):  # the op's own rule
+        return Box.from_center_radius(core.forward(box.center), core.abs_linear(box.radius))
+    W, b, stacked, shift, abs_rows, center_index, radius_index, per_sample_d = rows
+    c, r = signed_pair(box.hi, box.lo, (1.0, -1.0)).unbind(0) if halved else (box.center, box.radius)
+    B = c.shape[0]
+    if c.dim() != 2:
+        c, r = c.reshape(B, -1), r.reshape(B, -1)
+    center = F.linear(F.linear(c, W, b), stacked, shift)
+    radius = F.linear(r, abs_rows)
+    if center_index is not None:  # each sample's own matrix's rows
+        center = center.gather(1, center_index)
+    if radius_index is not None:
+        radius = radius.gather(1, radius_index.expand(B, -1))
+    if per_sample_d is not None:
+        center = center - per_sample_d
+    return Box.from_center_radius(center, radius)
 
 
 def fused_box(group: Group, graph: ir.Graph, box: Box, ctx) -> Box:
@@ -206,18 +330,22 @@ def fused_box(group: Group, graph: ir.Graph, box: Box, ctx) -> Box:
     core = group.core.op
     # a lo/hi box whose centre nobody formed yet: lo + hi and hi - lo with halved weights
     halved = HALVED_WEIGHTS and type(box) is Box and "_center" not in box.__dict__ and "_radius" not in box.__dict__
-    W, b, Wabs = _weights(group, graph, ctx, halved)
-    c, r = (torch.add(box.lo, box.hi), torch.sub(box.hi, box.lo)) if halved else (box.center, box.radius)
-    if type(core) is ir.Conv2d:
-        args = (core.stride, core.padding, core.dilation, core.groups)
-        bias = b if b is None or b.dim() == 1 else None
-        center = F.conv2d(c, W, bias, *args)
-        if b is not None and b.dim() == 4:
-            center = center.add_(b)
-        radius = F.conv2d(r, Wabs, None, *args)
-    else:
-        c, r = c.reshape(c.shape[0], -1), r.reshape(r.shape[0], -1)
-        center, radius = F.linear(c, W, b), F.linear(r, Wabs)
+    if type(core) is FoldedSpecLinear:
+        return _spec_box(core, box, halved)
+    W, b, Wabs, stacked = _weights(group, graph, ctx, halved)
+    if stacked is not None:  # a Linear: centre and radius through one bmm
+        pair = signed_pair(box.hi, box.lo, (1.0, -1.0)) if halved else torch.stack((box.center, box.radius))
+        if pair.dim() != 3:
+            pair = pair.reshape(2, pair.shape[1], -1)
+        Wt, bias = stacked
+        out = torch.bmm(pair, Wt) if bias is None else torch.baddbmm(bias, pair, Wt)
+        return Box.from_center_radius(*out.unbind(0))
+    c, r = signed_pair(box.hi, box.lo, (1.0, -1.0)).unbind(0) if halved else (box.center, box.radius)
+    args = (core.stride, core.padding, core.dilation, core.groups)  # a Conv2d
+    center = F.conv2d(c, W, b if b is None or b.dim() == 1 else None, *args)
+    if b is not None and b.dim() == 4:
+        center = center.add_(b)
+    radius = F.conv2d(r, Wabs, None, *args)
     return Box.from_center_radius(center, radius)
 
 

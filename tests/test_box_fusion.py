@@ -185,3 +185,90 @@ def test_no_fusion_into_a_store_that_holds_bounds():
         scale = (bn.weight * torch.rsqrt(bn.running_var + bn.eps)).abs()
         assert bool(((again["bn1"].hi - again["bn1"].lo) <= 2e-3 * scale * (1 + 1e-4) + 1e-6).all())
         assert torch.equal(again["fc1"].lo, torch.maximum(tight.lo, fc1.lo))
+
+
+# ------------------------------------------------------------------ the folded spec as a group
+def _specs(gen, batch, classes):
+    """A robustness spec (one matrix per label), one shared matrix with a threshold, per-sample
+    thresholds, and per-sample matrices that are all different (the op's own rule)."""
+    from verikit.spec import Spec
+
+    labels = torch.randint(0, classes, (batch,), generator=gen)
+    robust = Spec.robustness(labels, classes)
+    shared = Spec(torch.randn(2, classes, generator=gen), torch.randn(2, generator=gen))
+    thresholds = Spec(robust.C, torch.randn(batch, classes - 1, generator=gen))
+    distinct = Spec(torch.randn(batch, 2, classes, generator=gen), torch.zeros(batch, 2))
+    return {"robustness": robust, "shared": shared, "per-sample d": thresholds, "all distinct": distinct}
+
+
+@pytest.mark.parametrize("kind", ["robustness", "shared", "per-sample d", "all distinct"])
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10 ** 6))
+def test_folded_spec_group_equals_the_ops_own_rule(kind, seed):
+    from verikit.spec import fold_spec
+
+    gen = torch.Generator().manual_seed(seed)
+    graph = mlp_normalized(gen)  # fc2 has 3 outputs
+    box = _box(gen, graph, batch=12)
+    spec = _specs(gen, 12, 3)[kind]
+    folded = fold_spec(graph, spec)
+    with torch.no_grad():
+        fused = propagate_box(folded, box)
+        plain = propagate_box(folded, box, fuse=False)
+    grouped = "__spec__" in fusion_groups(folded, None)
+    assert grouped == (kind != "all distinct")  # 12 different matrices: no group, the op's rule
+    _assert_same(fused, plain, folded)
+    y = graph.forward(box.sample(64, gen).flatten(0, 1)).reshape(64, 12, -1)
+    C = spec.C if spec.C.dim() == 3 else spec.C.expand(12, -1, -1)
+    values = torch.einsum("bmn,sbn->sbm", C, y) - spec.d  # the margins the spec asks for
+    out = fused[folded.output]
+    assert bool((values >= out.lo - 1e-4).all() and (values <= out.hi + 1e-4).all())
+
+
+def test_robustness_rows_of_c_w_are_formed_once_per_pair():
+    """|W_y - W_j| = |W_j - W_y|: a 10-class robustness spec needs 45 rows of |C W|, not 90."""
+    from verikit.domains.box_fusion import _spec_rows
+    from verikit.spec import Spec, fold_spec
+
+    b = ir.GraphBuilder("x", (6,))
+    gen = torch.Generator().manual_seed(1)
+    graph = b.build(b.add("fc", ir.Linear(torch.randn(10, 6, generator=gen), torch.randn(10, generator=gen)), ["x"]))
+    spec = Spec.robustness(torch.arange(20) % 10, 10)
+    rows = _spec_rows(fold_spec(graph, spec).node("__spec__").op, True)
+    assert rows[4].shape == (45, 6)
+    box = _box(gen, graph, batch=20)
+    with torch.no_grad():
+        folded = fold_spec(graph, spec)
+        _assert_same(propagate_box(folded, box), propagate_box(folded, box, fuse=False), folded)
+
+
+def test_a_spec_folded_again_is_the_same_graph_until_it_changes():
+    from verikit.spec import Spec, fold_spec
+
+    gen = torch.Generator().manual_seed(2)
+    graph = mlp_normalized(gen)
+    spec = Spec.robustness(torch.tensor([0, 1, 2, 0]), 3)
+    box = _box(gen, graph, batch=4)
+    first = fold_spec(graph, spec)
+    assert fold_spec(graph, spec) is first
+    assert fold_spec(graph, Spec.robustness(torch.tensor([0, 1, 2, 0]), 3)) is not first  # another spec
+    with torch.no_grad():
+        before = propagate_box(fold_spec(graph, spec), box)["__spec__"]
+        spec.C.mul_(-1.0)  # in place: the folded graph and the cached rows must follow
+        again = fold_spec(graph, spec)
+        assert again is not first
+        after = propagate_box(again, box)
+        _assert_same(after, propagate_box(again, box, fuse=False), again)
+        assert torch.allclose(after["__spec__"].lo, -before.hi, atol=1e-5)
+
+
+def test_a_reshape_keeps_the_form_of_its_box():
+    from verikit.bounds import _CenterRadiusBox
+    from verikit.domains.box import _reshape_rule
+
+    op = ir.Reshape((4,))
+    lo, hi = torch.zeros(3, 2, 2), torch.ones(3, 2, 2)
+    out = _reshape_rule(op, [Box(lo, hi)], None)
+    assert type(out) is Box and torch.equal(out.lo, lo.reshape(3, 4)) and torch.equal(out.hi, hi.reshape(3, 4))
+    out = _reshape_rule(op, [Box.from_center_radius(lo + 0.5, hi * 0.5)], None)
+    assert isinstance(out, _CenterRadiusBox) and torch.equal(out.lo, lo.reshape(3, 4))

@@ -202,6 +202,18 @@ def fold_spec(graph: Graph, spec: Optional[Spec]) -> Graph:
     """
     if spec is None:
         return graph
+    # the same spec folded into the same graph again (every domain of a chain, every bound of
+    # a batch): the same folded graph, so that what is cached on its nodes and ops is reused
+    cached = graph.__dict__.get("_folded")
+    versions = (spec.C._version, spec.d._version, len(graph.nodes), graph.output)
+    if cached is not None and cached[0] is spec and cached[1] is spec.C and cached[2] is spec.d and cached[3] == versions:
+        return cached[4]
+    folded = _fold_spec(graph, spec)
+    graph.__dict__["_folded"] = (spec, spec.C, spec.d, versions, folded)
+    return folded
+
+
+def _fold_spec(graph: Graph, spec: Spec) -> Graph:
     n_out = 1
     for s in graph.output_shape:
         n_out *= s
