@@ -9,8 +9,9 @@ hashes: a float kernel that rounds differently (another CPU vendor or family, an
 build) changes them too, so each set is keyed by the machine it was recorded on. On a machine
 of a recorded kind the fingerprint must equal that kind's; on another kind the test skips
 (regenerate the set there from the old commit with `python tests/test_train_bitwise.py` and add
-it). The AMD set was recorded from commit 1b4aef4 on 2026-12-04, and the current code gave the
-same three hashes there.
+it). The AVX512 AMD set was recorded from commit 1b4aef4 on 2026-12-04, and the current code gave the
+same three hashes there; the AVX2 AMD set from 1b4aef4 on 2026-12-07, where the code with the
+attack's channels-last convolutions gave the same three.
 """
 import hashlib
 import sys
@@ -41,6 +42,11 @@ EXPECTED = {  # machine() -> case -> sha256
         "cnn-small-sabr": "efa5d95eb2fd4e9599f55d33d7566b9e0c927bdf21b0535d23c2229191d9aca4",
         "tiny-bn-ibp": "94cbd4c7c1e338834c8f061cb2a1c57cdc6ccf911af4ff9989b2a9e6a3d57713",
         "tiny-bn-sabr": "aa0fdbc0e3393cc08489554780486921a1a54120b89a693d6e12285c338bcc37",
+    },
+    ("AVX2", "AuthenticAMD"): {  # recorded from 1b4aef4 on 2026-12-07
+        "cnn-small-sabr": "4f1f45980c7b0b7f81dfb7d676f42074208e4628f7a7859a2248d37f89e73260",
+        "tiny-bn-ibp": "bb24b18c5027f9df35012b721c59f3fd95faca538019c7e3df9eaf03d98f17e6",
+        "tiny-bn-sabr": "435281a1fb4e505816399c3a22dc02436eea459a1b16848d5a470086100b8843",
     },
     ("AVX512", "AuthenticAMD"): {
         "cnn-small-sabr": "6f2fe3d7070b25b05ab71da680886fb4365a7e33934aec0666b067c43958713c",

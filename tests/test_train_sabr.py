@@ -120,3 +120,11 @@ def test_fused_eval_forward_equals_eval_model():
         assert torch.allclose(fused(x), net(x), atol=1e-5)
     plain = nn.Flatten()
     assert fused_eval_forward(plain) is plain
+    # a conv with no BatchNorm after it (channels-last weights too) and a strided one
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, 1, 1), nn.ReLU(), nn.Conv2d(3, 5, 3, 2, 1, bias=False), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(5 * 14 * 14, 10)).eval()
+    x = torch.rand(4, 1, 28, 28, requires_grad=True)
+    fused = fused_eval_forward(net)
+    g_fused, = torch.autograd.grad(fused(x).square().sum(), x)
+    g_net, = torch.autograd.grad(net(x).square().sum(), x)
+    assert torch.allclose(fused(x), net(x), atol=1e-5) and torch.allclose(g_fused, g_net, atol=1e-5)
