@@ -10,8 +10,8 @@ build) changes them too, so each set is keyed by the machine it was recorded on.
 of a recorded kind the fingerprint must equal that kind's; on another kind the test skips
 (regenerate the set there from the old commit with `python tests/test_train_bitwise.py` and add
 it). The AVX512 AMD set was recorded from commit 1b4aef4 on 2026-12-04, and the current code gave the
-same three hashes there; the AVX2 AMD set from 1b4aef4 on 2026-12-07, where the code with the
-attack's channels-last convolutions gave the same three.
+same three hashes there; the AVX2 AMD set from 1b4aef4 on 2026-12-07, where the current code gave
+the same three.
 """
 import hashlib
 import sys
