@@ -113,9 +113,9 @@ def fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:
     cached = graph.__dict__.get("_fusion_groups")
     last = graph.nodes[-1] if graph.nodes else None
     key = (len(graph.nodes), graph.output)
-    if cached is None or cached[0] != key or cached[1] is not last:
-        cached = graph.__dict__["_fusion_groups"] = (key, last, _fusion_groups(graph, None))
-    return cached[2]
+    if cached is None or cached[0] != key or cached[1] is not last or cached[2] is not graph.nodes:
+        cached = graph.__dict__["_fusion_groups"] = (key, last, graph.nodes, _fusion_groups(graph, None))
+    return cached[3]
 
 
 def _fusion_groups(graph: ir.Graph, ctx) -> dict[str, Group]:

@@ -272,3 +272,29 @@ def test_a_reshape_keeps_the_form_of_its_box():
     assert type(out) is Box and torch.equal(out.lo, lo.reshape(3, 4)) and torch.equal(out.hi, hi.reshape(3, 4))
     out = _reshape_rule(op, [Box.from_center_radius(lo + 0.5, hi * 0.5)], None)
     assert isinstance(out, _CenterRadiusBox) and torch.equal(out.lo, lo.reshape(3, 4))
+
+
+def test_a_pickled_or_copied_graph_carries_no_caches():
+    """A graph sent to a Ray worker (pickled) or copied rebuilds its folded spec and fusion
+    groups; the originals keep theirs, and a graph with another node list folds anew."""
+    import copy
+    import pickle
+
+    from verikit.spec import Spec, fold_spec
+
+    gen = torch.Generator().manual_seed(4)
+    graph = mlp_normalized(gen)
+    spec = Spec.robustness(torch.tensor([0, 1, 2, 0]), 3)
+    folded = fold_spec(graph, spec)
+    with torch.no_grad():
+        propagate_box(folded, _box(gen, graph, batch=4))
+    assert "_folded" in graph.__dict__ and "_fusion_groups" in folded.__dict__
+    for other in (pickle.loads(pickle.dumps(graph)), copy.copy(graph), copy.deepcopy(folded)):
+        assert "_folded" not in other.__dict__ and "_fusion_groups" not in other.__dict__
+    assert fold_spec(graph, spec) is folded
+    graph.nodes = list(graph.nodes)  # another node list of the same length
+    refolded = fold_spec(graph, spec)
+    assert refolded is not folded
+    with torch.no_grad():  # and its groups are formed for it, not taken from an earlier graph
+        propagate_box(refolded, _box(gen, graph, batch=4))
+    assert refolded.__dict__["_fusion_groups"][2] is refolded.nodes

@@ -404,6 +404,13 @@ class Graph:
     def __post_init__(self):
         self._by_name = {n.name: n for n in self.nodes}
 
+    # what domains cache on a graph (its folded spec, the box pass's fused groups) is rebuilt
+    # on demand: a pickled graph (sent to a Ray worker) or a copy carries none of it
+    _CACHES = ("_folded", "_fusion_groups")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._CACHES}
+
     def node(self, name: str) -> Node:
         return self._by_name[name]
 

@@ -206,10 +206,11 @@ def fold_spec(graph: Graph, spec: Optional[Spec]) -> Graph:
     # a batch): the same folded graph, so that what is cached on its nodes and ops is reused
     cached = graph.__dict__.get("_folded")
     versions = (spec.C._version, spec.d._version, len(graph.nodes), graph.output)
-    if cached is not None and cached[0] is spec and cached[1] is spec.C and cached[2] is spec.d and cached[3] == versions:
-        return cached[4]
+    if cached is not None and cached[0] is spec and cached[1] is spec.C and cached[2] is spec.d \
+            and cached[3] is graph.nodes and cached[4] == versions:
+        return cached[5]
     folded = _fold_spec(graph, spec)
-    graph.__dict__["_folded"] = (spec, spec.C, spec.d, versions, folded)
+    graph.__dict__["_folded"] = (spec, spec.C, spec.d, graph.nodes, versions, folded)
     return folded
 
 
