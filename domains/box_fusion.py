@@ -31,7 +31,7 @@ calls while the tensors they come from are unchanged (their version counters say
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,11 @@ def signed_pair(a: Tensor, b: Tensor, signs: tuple) -> Tensor:
     if s is None:
         s = _SIGNS[key] = torch.tensor(signs, dtype=a.dtype, device=a.device).reshape((2,) + (1,) * a.dim())
     return torch.addcmul(a, s, b)
+
+
+def _sum_and_width(box: Box) -> Tensor:
+    """(lo + hi, hi - lo) of a lo/hi box as one (2, ...) tensor: 2c and 2r, for halved weights."""
+    return signed_pair(box.hi, box.lo, (1.0, -1.0))
 
 
 def _core_ok(node: ir.Node, graph: ir.Graph) -> bool:
@@ -246,7 +251,7 @@ def _weights(group: Group, graph: ir.Graph, ctx, halved: bool):
         W, b, Wabs = _fused_weights(group, graph, ctx)
         if halved:
             W, Wabs = W * 0.5, Wabs * 0.5
-        cache[entry] = (key, (W, b, Wabs, _stacked(W, b, Wabs) if W.dim() == 2 else None))
+        cache[entry] = (key, _stacked(W, b, Wabs) if W.dim() == 2 else (W, b, Wabs, None))
     return cache[entry][1]
 
 
@@ -254,74 +259,78 @@ def _stacked(W: Tensor, b: Optional[Tensor], Wabs: Tensor) -> tuple:
     """A Linear's two maps as one batched product: (W^T, |W|^T) as a contiguous (2, in, out)
     tensor and the bias (b, 0) as (2, 1, out) (None without a bias). One bmm of the stacked
     centre and radius is ~10-15% faster than two F.linear calls at batch 128 on CPU (transposed
-    weights in memory order, one dispatch) and the same at batch 1024."""
+    weights in memory order, one dispatch) and the same at batch 1024. W and |W| are returned
+    as views of it, so the weights are held once."""
     stacked = torch.stack((W.t(), Wabs.t())).contiguous()
     bias = None if b is None else torch.stack((b, torch.zeros_like(b))).unsqueeze(1)
-    return stacked, bias
+    return stacked[0].t(), b, stacked[1].t(), (stacked, bias)
 
 
-# (id(C), halved) -> (the sources' identities and versions, the sources, the spec's rows). The
-# folded spec op is built anew at every bound, so its rows cannot be cached on it; the entry
-# holds the source tensors themselves, so an id or a storage cannot be reused while it lives
-_SPEC_ROWS: dict = {}
+class SpecRows(NamedTuple):
+    """What the folded spec's box needs (see _spec_rows)."""
+
+    weight: Tensor  # the inner W (halved where the box enters halved)
+    bias: Optional[Tensor]  # the inner b
+    stacked: Tensor  # the distinct spec matrices stacked, (k*m, o)
+    shift: Optional[Tensor]  # -d where one threshold vector serves the batch
+    abs_rows: Tensor  # the distinct rows of |C W| (halved too)
+    center_index: Optional[Tensor]  # (B, m): each sample's rows of the k*m (None: the identity)
+    radius_index: Optional[Tensor]  # (B or 1, m): each margin's row of abs_rows (None: the identity)
+    per_sample_d: Optional[Tensor]  # (B, m) to subtract (None: 0 or in `shift`)
 
 
-def _spec_rows(op: FoldedSpecLinear, halved: bool):
-    """What the folded spec's box needs, cached while C, W, b and d are unchanged: the inner
-    weight and bias (W halved where `halved`), the stacked distinct spec matrices (k*m, o), the
-    distinct rows of |C W| (halved too) and, per sample, which of the k*m rows and which |C W|
-    row give its m margins (None: the identity), and the per-sample d to subtract (None: 0).
+def _spec_rows(op: FoldedSpecLinear, halved: bool) -> Optional[SpecRows]:
+    """The folded spec's rows, cached on the op while C, W, b and d are unchanged (fold_spec
+    keeps the folded graph, and with it the op, for the same spec); None where C has too many
+    distinct matrices (changed since the groups were formed).
 
     The centre is C (W c + b) - d as the op computes it, but with each distinct matrix once
     (a (k*m, o) product instead of a per-sample one); the radius needs |C W| r, formed once
     per distinct row: robustness specs have rows W_y - W_j and W_j - W_y, whose absolute values
     agree bit for bit (negation is exact), so half of them go."""
     sources = tuple(t for t in (op.C, op.inner_weight, op.inner_bias, op.d) if t is not None)
-    key = tuple((id(t), t.data_ptr(), t._version) for t in sources)
-    entry = _SPEC_ROWS.get((id(op.C), halved))
+    key = tuple((t.data_ptr(), t._version) for t in sources)
+    cache = op.__dict__.setdefault("_box_spec_rows", {})
+    entry = cache.get(halved)
     if entry is None or entry[0] != key:
-        if len(_SPEC_ROWS) >= 8:
-            _SPEC_ROWS.clear()
         C, W, d = op.C, op.inner_weight, op.d
         index = torch.zeros(1, dtype=torch.long, device=C.device)
         if C.dim() == 3:
             groups = distinct_matrices(C)
-            if groups is None:  # too many distinct matrices (C changed since the groups were formed)
+            if groups is None:
                 return None
             C, index = groups
         m = C.shape[-2]
         stacked = C.reshape(-1, C.shape[-1])  # (k*m, o)
         abs_rows, abs_index = torch.unique((stacked @ W).abs(), dim=0, return_inverse=True)
         margin_rows = index.view(-1, 1) * m + torch.arange(m, device=C.device)  # (B or 1, m)
-        center_index = None if C.dim() == 2 else margin_rows
         radius_index = abs_index[margin_rows]
         if C.dim() == 2 and torch.equal(abs_index, torch.arange(m, device=C.device)):
             radius_index = None
-        shift = -d if d.dim() == 1 else None  # one threshold vector for the batch: a bias
-        per_sample_d = None if d.dim() == 1 or not bool((d != 0).any()) else d
         w = 0.5 if halved else 1.0
-        weights = (W * w, op.inner_bias, stacked, shift, abs_rows * w, center_index, radius_index, per_sample_d)
-        entry = _SPEC_ROWS[(id(op.C), halved)] = (key, sources, weights)
-    return entry[2]
+        rows = SpecRows(W * w, op.inner_bias, stacked, -d if d.dim() == 1 else None, abs_rows * w,
+                        None if C.dim() == 2 else margin_rows, radius_index,
+                        None if d.dim() == 1 or not bool((d != 0).any()) else d)
+        entry = cache[halved] = (key, rows)
+    return entry[1]
 
 
 def _spec_box(core: FoldedSpecLinear, box: Box, halved: bool) -> Box:
     rows = _spec_rows(core, halved)
-    if rows is None or (rows[5] is not None and rows[5].shape[0] != box.shape[0]):  # the op's own rule
-        return Box.from_center_radius(core.forward(box.center), core.abs_linear(box.radius))
-    W, b, stacked, shift, abs_rows, center_index, radius_index, per_sample_d = rows
-    c, r = signed_pair(box.hi, box.lo, (1.0, -1.0)).unbind(0) if halved else (box.center, box.radius)
+    if rows is None or (rows.center_index is not None and rows.center_index.shape[0] != box.shape[0]):
+        return Box.from_center_radius(core.forward(box.center), core.abs_linear(box.radius))  # the op's own rule
+    c, r = _sum_and_width(box).unbind(0) if halved else (box.center, box.radius)
     B = c.shape[0]
     if c.dim() != 2:
         c, r = c.reshape(B, -1), r.reshape(B, -1)
-    center = F.linear(F.linear(c, W, b), stacked, shift)
-    radius = F.linear(r, abs_rows)
-    if center_index is not None:  # each sample's own matrix's rows
-        center = center.gather(1, center_index)
-    if radius_index is not None:
-        radius = radius.gather(1, radius_index.expand(B, -1))
-    if per_sample_d is not None:
-        center = center - per_sample_d
+    center = F.linear(F.linear(c, rows.weight, rows.bias), rows.stacked, rows.shift)
+    radius = F.linear(r, rows.abs_rows)
+    if rows.center_index is not None:  # each sample's own matrix's rows
+        center = center.gather(1, rows.center_index)
+    if rows.radius_index is not None:
+        radius = radius.gather(1, rows.radius_index.expand(B, -1))
+    if rows.per_sample_d is not None:
+        center = center - rows.per_sample_d
     return Box.from_center_radius(center, radius)
 
 
@@ -334,13 +343,13 @@ def fused_box(group: Group, graph: ir.Graph, box: Box, ctx) -> Box:
         return _spec_box(core, box, halved)
     W, b, Wabs, stacked = _weights(group, graph, ctx, halved)
     if stacked is not None:  # a Linear: centre and radius through one bmm
-        pair = signed_pair(box.hi, box.lo, (1.0, -1.0)) if halved else torch.stack((box.center, box.radius))
+        pair = _sum_and_width(box) if halved else torch.stack((box.center, box.radius))
         if pair.dim() != 3:
             pair = pair.reshape(2, pair.shape[1], -1)
         Wt, bias = stacked
         out = torch.bmm(pair, Wt) if bias is None else torch.baddbmm(bias, pair, Wt)
         return Box.from_center_radius(*out.unbind(0))
-    c, r = signed_pair(box.hi, box.lo, (1.0, -1.0)).unbind(0) if halved else (box.center, box.radius)
+    c, r = _sum_and_width(box).unbind(0) if halved else (box.center, box.radius)
     args = (core.stride, core.padding, core.dilation, core.groups)  # a Conv2d
     center = F.conv2d(c, W, b if b is None or b.dim() == 1 else None, *args)
     if b is not None and b.dim() == 4:
