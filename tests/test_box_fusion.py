@@ -298,3 +298,23 @@ def test_a_pickled_or_copied_graph_carries_no_caches():
     with torch.no_grad():  # and its groups are formed for it, not taken from an earlier graph
         propagate_box(refolded, _box(gen, graph, batch=4))
     assert refolded.__dict__["_fusion_groups"][2] is refolded.nodes
+
+
+@pytest.mark.parametrize("kind", ["robustness", "shared", "per-sample d"])
+def test_folded_spec_group_at_zero_width_gives_the_margins(kind):
+    """eps = 0: the spec group's lower and upper bounds are the concrete margins C f(x) - d."""
+    from verikit.domains import get_domain
+    from verikit.spec import fold_spec
+
+    gen = torch.Generator().manual_seed(8)
+    graph = mlp_normalized(gen)
+    spec = _specs(gen, 12, 3)[kind]
+    x = torch.randn((12,) + graph.input_shape, generator=gen)
+    with torch.no_grad():
+        out = get_domain("box").bound(graph, Box.point(x), spec)
+        assert "__spec__" in fusion_groups(fold_spec(graph, spec), None)
+    y = graph.forward(x)
+    C = spec.C if spec.C.dim() == 3 else spec.C.expand(12, -1, -1)
+    margins = torch.einsum("bmn,bn->bm", C, y) - spec.d
+    torch.testing.assert_close(out.lower, margins, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.upper, margins, rtol=1e-5, atol=1e-5)
