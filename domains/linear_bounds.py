@@ -62,6 +62,13 @@ class LinearBoundEngine(RowRefinement):
     """Back-substitution over one graph, input box and bound store (the store must already
     hold bounds for every node, e.g. from `propagate_box`)."""
 
+    # Class switches, off only to compare against the plain rules (tests, benchmarks/bench_engine_ab.py):
+    # intermediate rows read by ReLUs only get upper bounds first, lower ones where hi > 0
+    # (row_refinement.py; batch > 1 only)
+    upper_first = True
+    # chains ending at the input minimise over the input box themselves (relu_chain.py)
+    fold_input = True
+
     def __init__(self, graph: ir.Graph, store: BoundStore, ctx: Optional[ir.EvalContext] = None,
                  variant: str = "crown", max_rows_per_chunk: int = 4096, spatial_windows: bool = True,
                  errors: Optional[dict] = None, fast_paths: bool = True, per_sample_rows: bool = False):
@@ -282,10 +289,11 @@ class LinearBoundEngine(RowRefinement):
                                  else _flat_dot(lam_n.abs(), err))
             steps = self._chain_steps(node, lam_n, splits, alphas, stop)
             if steps is not None:  # Linear/ReLU chain on live neurons only (relu_chain.py)
-                lam_b, c = self.chains.run(steps, lam_n, alphas, self.errors)
-                const = const + c
                 bottom = steps[-1].inputs[0]
-                pending[bottom] = accumulate(pending.get(bottom), lam_b, self.graph.shapes[bottom])
+                lam_b, c = self.chains.run(steps, lam_n, alphas, self.errors, self._foldable_input(bottom, stop))
+                const = const + c
+                if lam_b is not None:  # None: the chain has minimised over the input box itself
+                    pending[bottom] = accumulate(pending.get(bottom), lam_b, self.graph.shapes[bottom])
                 continue
             out = None
             if isinstance(lam_n, Window):
@@ -331,6 +339,27 @@ class LinearBoundEngine(RowRefinement):
         if coef_e is not None:
             const = const - coef_e.abs().sum(-1)
         return const
+
+    def _foldable_input(self, bottom: str, stop: Optional[str]):
+        """The input box, when a chain ending at `bottom` may minimise over it itself: `bottom` is
+        the graph input or its flattening (Reshapes only), each read by the next alone and none
+        captured; no forward hand-over, no rounding-error radii (whose own float64 accounting
+        follows the general formula), and not where a gradient is taken through the weights
+        (training) or the box (input-split search): the fold's products are cached outside
+        autograd."""
+        if stop is not None or self.errors or not self.fold_input or self.differentiable:
+            return None
+        name = bottom
+        while True:
+            if name in self.capture or len(self.chains.users[name]) != 1:
+                return None
+            if name == self.graph.input_name:
+                box = self.store[name]
+                return None if box.lo.requires_grad or box.hi.requires_grad else box
+            node = self.graph.node(name)
+            if type(node.op) is not ir.Reshape:
+                return None
+            name = node.inputs[0]
 
     def _chain_steps(self, node: ir.Node, lam, splits: dict, alphas: Optional[dict],
                      stop: Optional[str] = None) -> Optional[list]:

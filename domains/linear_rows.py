@@ -40,29 +40,30 @@ def per_sample_rows(need: Tensor):
     return rows, need.gather(1, rows)
 
 
-def bound_rows_per_sample(engine, name: str, rows: Tensor) -> tuple[Tensor, Tensor]:
+def bound_rows_per_sample(engine, name: str, rows: Tensor, sides: tuple = (1, -1), stop=None) -> tuple:
     """Lower and upper bounds (B, k) of the flat neurons rows[b] of node `name` in sample b,
-    in chunks of at most the engine's `max_rows_per_chunk` rows over the whole batch."""
+    in chunks of at most the engine's `max_rows_per_chunk` rows over the whole batch.
+    `sides`, `stop`: as in `bound_rows` (a side not asked for is None)."""
     B, k_all = rows.shape
-    per_chunk = max(1, engine.max_rows // (2 * B))
+    per_chunk = max(1, engine.max_rows // (len(sides) * B))
     node = engine.graph.node(name) if name != engine.graph.input_name else None
     shape = tuple(engine.graph.shapes[name])
     n = math.prod(shape)
-    lows, highs = [], []
-    form = row_form(engine, node, shape)
+    found = {s: [] for s in sides}
+    form = row_form(engine, node, shape, stop)
     for chunk in rows.split(per_chunk, dim=1):
         k = chunk.shape[1]
         if form is not None:
-            lb = linear_rows(engine, form[0], chunk, None, *form[1:])
+            lb = linear_rows(engine, form[0], chunk, stop, *form[1:], sides=sides)
         else:
-            lam = torch.zeros(B, 2 * k, n, device=engine.device, dtype=engine.dtype)
-            lam[:, :k].scatter_(2, chunk.unsqueeze(-1), 1.0)
-            lam[:, k:].scatter_(2, chunk.unsqueeze(-1), -1.0)
-            lb = engine.lower_bound(name, lam.reshape((B, 2 * k) + shape))
-        lows.append(lb[:, :k])
-        highs.append(-lb[:, k:])
-        engine.rows_bounded += 2 * k * B
-    return torch.cat(lows, 1), torch.cat(highs, 1)
+            lam = torch.zeros(B, len(sides) * k, n, device=engine.device, dtype=engine.dtype)
+            for j, sign in enumerate(sides):
+                lam[:, j * k:(j + 1) * k].scatter_(2, chunk.unsqueeze(-1), float(sign))
+            lb = engine.lower_bound(name, lam.reshape((B, len(sides) * k) + shape), stop=stop)
+        for sign, part in zip(sides, lb.split(k, 1)):
+            found[sign].append(part if sign > 0 else -part)
+        engine.rows_bounded += len(sides) * k * B
+    return tuple(torch.cat(found[s], 1) if s in found else None for s in (1, -1))
 
 
 def row_form(engine, node, shape: tuple, stop=None):
@@ -88,11 +89,12 @@ def row_form(engine, node, shape: tuple, stop=None):
     return lin, scale.reshape(-1), shift.reshape(-1)
 
 
-def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None, scale=None, shift=None) -> Tensor:
-    """lower_bound for the rows [+e_rows; -e_rows] of a Linear node (of scale * Linear + shift
-    where `scale` is given: a BatchNorm after it), skipping the one-hot product: the coefficients
-    on its input are just the selected weight rows. `rows`: (k,) for every sample, or (B, k)
-    per sample."""
+def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None, scale=None, shift=None,
+                sides: tuple = (1, -1)) -> Tensor:
+    """lower_bound for the rows [+e_rows; -e_rows] (the signs `sides`, in order) of a Linear
+    node (of scale * Linear + shift where `scale` is given: a BatchNorm after it), skipping the
+    one-hot product: the coefficients on its input are just the selected weight rows. `rows`:
+    (k,) for every sample, or (B, k) per sample."""
     w, b = node.op.weight, node.op.bias
     B = engine.batch
     if rows.dim() == 1:
@@ -105,13 +107,13 @@ def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None, scale=None, shif
         s = take(scale)
         w = w * s.unsqueeze(-1)
         b = shift if b is None else b * scale + shift  # per neuron: scale_i b_i + shift_i
-    lb = engine.lower_bound(node.inputs[0], torch.cat([w, -w], 1), stop=stop)
+    signed = lambda t: t.contiguous() if sides == (1,) else torch.cat([t if s > 0 else -t for s in sides], 1)
+    lb = engine.lower_bound(node.inputs[0], signed(w), stop=stop)
     if b is not None:
-        b = take(b)
-        lb = lb + torch.cat([b, -b], 1)
+        lb = lb + signed(take(b))
     if node.name in engine.errors:  # the Linear's own error radius (skipped by starting at its input)
         e = take(engine.errors[node.name].reshape(B, -1))
-        lb = lb - torch.cat([e, e], 1)
+        lb = lb - torch.cat([e] * len(sides), 1)
     return lb
 
 

@@ -17,6 +17,12 @@ alpha step.
 
 A ReLU with a rounding error radius (the float-sound mode) keeps all its coefficients, as
 the error term <|lam|, err> needs them; its Linear below still uses only live rows.
+
+Where the chain ends at the graph input (an MLP's first Linear), the input box is folded into
+that Linear: min over |x - c| <= r of <lam W, x> is <lam, W c> - ||lam (W diag r)||_1, so the
+coefficients on the input are never formed, nor their absolute values (a pass over the
+largest tensor of the walk), and the sum of |.| is one reduction that reads its operand once
+(256x4 MLP at batch 32: 37 -> 8 ms per intermediate layer for this step).
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ from verikit import ir
 
 # per-sample live indices are used when their padded count is below this share of the union
 PER_SAMPLE_SHARE = 0.8
-# ... and the per-sample weights of one layer stay below this many elements
+# ... and the per-sample weights of one layer stay below this many elements (also the bound on
+# the first Linear's weights scaled by each sample's own input radius)
 PER_SAMPLE_ELEMENTS = 1 << 23
 
 
@@ -69,6 +76,7 @@ class ReluChains:
         self._steps: dict[str, Optional[list]] = {}
         self._live: dict[str, tuple] = {}  # node -> (its relaxation, LiveNeurons)
         self._weights: dict[tuple, tuple] = {}
+        self._input_folds: dict[str, tuple] = {}
 
     # ------------------------------------------------------------ structure
     def _flat(self, name: str) -> bool:
@@ -165,10 +173,35 @@ class ReluChains:
                 self._weights[key] = (rows, cols, w.contiguous(), b)
         return self._weights[key][2:]
 
+    def input_fold(self, node: ir.Node, rows: Optional[LiveNeurons], box) -> Optional[tuple]:
+        """(W c (B, 1, a), W diag r ((B,) a, n)) of the Linear `node` on the graph input, its
+        weight restricted to live output neurons `rows`, for the input box's centre c and
+        radius r; None when the per-sample scaled weights would be too large."""
+        cached = self._input_folds.get(node.name)
+        if cached is not None and cached[0] is rows and cached[1] is box.lo and cached[2] is box.hi:
+            return cached[3]
+        w, _ = self.weights(node, rows, None)
+        with torch.no_grad():
+            c, r = box.center.detach(), box.radius.detach()
+            B = c.shape[0]
+            c, r = c.reshape(B, -1), r.reshape(B, -1)
+            if B > 1 and w.dim() == 2 and bool((r == r[:1]).all()):
+                r = r[:1]  # one radius for the batch (e.g. branch and bound's children): one weight
+            if r.shape[0] * w.shape[-2] * w.shape[-1] > PER_SAMPLE_ELEMENTS:
+                fold = None
+            else:
+                wc = torch.matmul(w, c.unsqueeze(-1)).transpose(-1, -2)  # (B, 1, a)
+                wr = w * r.unsqueeze(-2)
+                fold = (wc, wr[0] if wr.dim() == 3 and wr.shape[0] == 1 else wr)
+        self._input_folds[node.name] = (rows, box.lo, box.hi, fold)
+        return fold
+
     # ------------------------------------------------------------ back-substitution
-    def run(self, steps: list, lam: Tensor, alphas: Optional[dict], errors: dict):
+    def run(self, steps: list, lam: Tensor, alphas: Optional[dict], errors: dict, input_box=None):
         """Coefficients `lam` (B, m, n) on the output of steps[0], carried through the chain:
-        (coefficients on the input of the last Linear, (B, m, n_in); the constant (B, m))."""
+        (coefficients on the input of the last Linear, (B, m, n_in); the constant (B, m)).
+        `input_box`: the box of the last Linear's input (the graph input, read by nothing
+        else), to minimise over: the coefficients are then None and the constant the bound."""
         const = lam.new_zeros(lam.shape[:2])
         live = None  # the live neurons lam is restricted to (None: all neurons of its node)
         for i, node in enumerate(steps):
@@ -195,6 +228,10 @@ class ReluChains:
                 w, b = self.weights(node, live, cols)
                 if b is not None:
                     const = const + _dot(lam, b)
+                fold = self.input_fold(node, live, input_box) if below is None and input_box is not None else None
+                if fold is not None:  # <lam, W c> - ||lam W diag r||_1: the minimum over the box
+                    wc, wr = fold
+                    return None, const + _dot(lam, wc) - torch.linalg.vector_norm(torch.matmul(lam, wr), 1, -1)
                 lam = torch.matmul(lam, w)
                 live = cols
         return lam, const

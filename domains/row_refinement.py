@@ -44,40 +44,48 @@ class RowRefinement:
     graph, store, batch, device, dtype, max_rows, windows, fast_paths, per_sample_rows,
     forward_prescreen and lower_bound)."""
 
-    def bound_rows(self, name: str, rows: Tensor, stop: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    def bound_rows(self, name: str, rows: Tensor, stop: Optional[str] = None,
+                   sides: tuple = (1, -1)) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """Lower and upper bounds (B, len(rows)) of the flat neurons `rows` of node `name`,
         in chunks of at most `max_rows_per_chunk` rows over the whole batch (WINDOW_ROWS for
-        windowed rows)."""
+        windowed rows). `sides`: the rows' signs, +1 for the lower bound and -1 for the upper
+        one; a side not asked for comes back as None."""
         shape = tuple(self.graph.shapes[name])
         n = math.prod(shape)
         B = self.batch
         windowed = self._windowed(shape)
-        per_chunk = max(1, (min(self.max_rows, WINDOW_ROWS) if windowed else self.max_rows) // (2 * B))
-        lows, highs, done = [], [], []
+        per_chunk = max(1, (min(self.max_rows, WINDOW_ROWS) if windowed else self.max_rows) // (len(sides) * B))
+        found = {s: [] for s in sides}
+        done = []
         node = self.graph.node(name) if name != self.graph.input_name else None
         form = row_form(self, node, shape, stop)
         for chunk in self._chunks(rows, shape, per_chunk):
             done.append(chunk)
             k = chunk.numel()
             if windowed:
-                lb = self.lower_bound(name, self._one_hot_window(chunk, shape), stop=stop)
+                lb = self.lower_bound(name, self._one_hot_window(chunk, shape, sides), stop=stop)
             elif form is not None:
-                lb = linear_rows(self, form[0], chunk, stop, *form[1:])
+                lb = linear_rows(self, form[0], chunk, stop, *form[1:], sides=sides)
             else:
-                lam = torch.zeros(B, 2 * k, n, device=self.device, dtype=self.dtype)
+                lam = torch.zeros(B, len(sides) * k, n, device=self.device, dtype=self.dtype)
                 ar = torch.arange(k, device=self.device)
-                lam[:, ar, chunk] = 1.0
-                lam[:, ar + k, chunk] = -1.0
-                lb = self.lower_bound(name, lam.reshape((B, 2 * k) + shape), stop=stop)
-            lows.append(lb[:, :k])
-            highs.append(-lb[:, k:])
-            self.rows_bounded += 2 * k * B
+                for j, sign in enumerate(sides):
+                    lam[:, ar + j * k, chunk] = float(sign)
+                lb = self.lower_bound(name, lam.reshape((B, len(sides) * k) + shape), stop=stop)
+            for sign, part in zip(sides, lb.split(k, 1)):
+                found[sign].append(part if sign > 0 else -part)
+            self.rows_bounded += len(sides) * k * B
         # chunks may visit the rows in another order: put the results back in `rows` order
-        lo = torch.empty(B, n, device=self.device, dtype=self.dtype)
-        hi = torch.empty(B, n, device=self.device, dtype=self.dtype)
         done = torch.cat(done)
-        lo[:, done], hi[:, done] = torch.cat(lows, 1), torch.cat(highs, 1)
-        return lo[:, rows], hi[:, rows]
+        out = []
+        for sign in (1, -1):
+            if sign not in found:
+                out.append(None)
+                continue
+            full = torch.empty(B, n, device=self.device, dtype=self.dtype)
+            full[:, done] = torch.cat(found[sign], 1)
+            out.append(full[:, rows])
+        return out[0], out[1]
 
     def _chunks(self, rows: Tensor, shape: tuple, per_chunk: int) -> list[Tensor]:
         """Rows in chunks; for (C, H, W) nodes, chunks of neighbouring positions (square tiles
@@ -97,17 +105,17 @@ class RowRefinement:
         """Are rows of a node of this shape bounded as spatial windows (a (C, H, W) node)?"""
         return self.windows and len(shape) == 3
 
-    def _one_hot_window(self, rows: Tensor, shape: tuple) -> Window:
-        """[+e_rows; -e_rows] as a Window around the rows' positions."""
+    def _one_hot_window(self, rows: Tensor, shape: tuple, sides: tuple = (1, -1)) -> Window:
+        """[+e_rows; -e_rows] (the signs `sides`, in order) as a Window around the rows' positions."""
         C, H, W = shape
         k, B = rows.numel(), self.batch
         c, h, w = rows // (H * W), (rows // W) % H, rows % W
         top, left = int(h.min()), int(w.min())
         hh, ww = int(h.max()) - top + 1, int(w.max()) - left + 1
-        lam = torch.zeros(B, 2 * k, C, hh, ww, device=self.device, dtype=self.dtype)
+        lam = torch.zeros(B, len(sides) * k, C, hh, ww, device=self.device, dtype=self.dtype)
         ar = torch.arange(k, device=self.device)
-        lam[:, ar, c, h - top, w - left] = 1.0
-        lam[:, ar + k, c, h - top, w - left] = -1.0
+        for j, sign in enumerate(sides):
+            lam[:, ar + j * k, c, h - top, w - left] = float(sign)
         return Window(lam, top, left)
 
     def refine_node(self, name: str) -> Box:
@@ -127,13 +135,14 @@ class RowRefinement:
         if rows.numel() == 0:
             return box
         lo, hi = lo.clone(), hi.clone()
+        # at batch 1 the second pass costs more than the few rows it skips (5-15% slower)
+        upper_first = self.fast_paths and self.upper_first and B > 1 and need is not None and \
+            all(type(op) is ir.ReLU for op in users)
         # hand over to the forward functions a few layers down where the rest is deep (fewer
         # rows reach the input: CNN7 5th conv 4148 -> 573, its Linear 506 -> 63)
         stop = self.forward.stop_for(name) if self.forward is not None and own is None and need is not None else None
         if stop is not None:  # back-substitute a few layers only, then the forward functions
-            new_lo, new_hi = self.bound_rows(name, rows, stop)
-            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
-            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+            self._tighten_rows(name, rows, lo, hi, stop, upper_first)
             rows = ((lo < 0) & (hi > 0)).any(0).nonzero().flatten()
             if rows.numel() == 0:
                 self.nodes_refined += 1
@@ -141,11 +150,45 @@ class RowRefinement:
         if own is not None:  # each sample's own unstable neurons
             tighten(lo, hi, *own, *bound_rows_per_sample(self, name, own[0]))
         else:
-            new_lo, new_hi = self.bound_rows(name, rows)
-            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
-            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+            self._tighten_rows(name, rows, lo, hi, None, upper_first)
         self.nodes_refined += 1
         return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
+
+    def _tighten_rows(self, name: str, rows: Tensor, lo: Tensor, hi: Tensor, stop: Optional[str],
+                      upper_first: bool) -> None:
+        """Bound the neurons `rows` of node `name` in every sample and intersect them into lo, hi
+        (B, n) in place. `upper_first` (a node read by ReLUs only): the upper bounds first, then
+        the lower ones, each only where the upper bound is above 0. A ReLU is exactly 0 on a
+        neuron with hi <= 0 whatever its lower bound (its lines, its interval and every bound
+        after it are the same), so the rows skipped there change nothing downstream."""
+        if not upper_first:
+            new_lo, new_hi = self.bound_rows(name, rows, stop)
+            lo[:, rows] = torch.maximum(lo[:, rows], new_lo)
+            hi[:, rows] = torch.minimum(hi[:, rows], new_hi)
+            return
+        self._tighten_side(name, rows, hi, -1, stop)
+        self._tighten_side(name, rows, lo, 1, stop, alive=hi[:, rows] > 0)
+
+    def _tighten_side(self, name: str, rows: Tensor, bound: Tensor, sign: int, stop: Optional[str],
+                      alive: Optional[Tensor] = None) -> None:
+        """One side (sign +1: lower, -1: upper) of the neurons `rows` (k,) of node `name`,
+        intersected into `bound` (B, n) in place, only in the samples where `alive` (B, k) holds
+        (None: where `bound`, the upper bounds, is still above 0)."""
+        if alive is None:
+            alive = bound[:, rows] > 0
+        if not bool(alive.any()):
+            return
+        better = torch.maximum if sign > 0 else torch.minimum
+        own = None if self._windowed(tuple(self.graph.shapes[name])) else per_sample_rows(alive)
+        if own is None:  # one row list for the batch: the rows alive in some sample
+            keep = rows[alive.any(0)]
+            new = self.bound_rows(name, keep, stop, sides=(sign,))[0 if sign > 0 else 1]
+            bound[:, keep] = better(bound[:, keep], new)
+            return
+        picked, valid = rows[own[0]], own[1]  # each sample's alive rows, padded
+        new = bound_rows_per_sample(self, name, picked, sides=(sign,), stop=stop)[0 if sign > 0 else 1]
+        old = bound.gather(1, picked)
+        bound.scatter_(1, picked, torch.where(valid, better(old, new), old))
 
     def preactivation_nodes(self) -> list[str]:
         """Nodes (in topological order) whose bounds some non-linear op's relaxation needs."""

@@ -110,14 +110,27 @@ def engines(graph, box, variant="crown", errors=None, spatial_windows=True, **kw
     return out
 
 
+def read_by_relus_only(graph, name):
+    users = graph.consumers()[name]
+    return bool(users) and all(type(graph.node(u).op) is ir.ReLU for u in users)
+
+
 def assert_same(slow, fast, tol=1e-9):
+    """Equal output bounds and stored bounds. One exception, by design (upper_first in
+    row_refinement.py): the lower bound of a neuron read by ReLUs only is not refined where its
+    upper bound is <= 0, as the ReLU is 0 there whatever it is; it stays sound (sampling tests)."""
     (es, los, his), (ef, lof, hif) = slow, fast
     torch.testing.assert_close(lof, los, rtol=tol, atol=tol)
     torch.testing.assert_close(hif, his, rtol=tol, atol=tol)
     for node in es.graph.nodes:
         a, b = es.store[node.name], ef.store[node.name]
-        torch.testing.assert_close(b.lo, a.lo, rtol=tol, atol=tol, msg=node.name)
         torch.testing.assert_close(b.hi, a.hi, rtol=tol, atol=tol, msg=node.name)
+        if ef.upper_first and es.batch > 1 and read_by_relus_only(es.graph, node.name):
+            live = a.hi > 0
+            torch.testing.assert_close(b.lo[live], a.lo[live], rtol=tol, atol=tol, msg=node.name)
+            assert (b.lo <= a.lo + tol).all(), node.name  # never tighter than the general rules
+        else:
+            torch.testing.assert_close(b.lo, a.lo, rtol=tol, atol=tol, msg=node.name)
 
 
 def _box(shape, batch, seed, width=0.5):
@@ -160,6 +173,7 @@ def test_per_sample_rows_equal_one_sample_at_a_time(monkeypatch, name):
     than the union. (The union's bounds differ: its extra rows tighten intermediate bounds,
     which usually, not always, tightens the output: CROWN is not monotone in them.)"""
     monkeypatch.setattr(linear_rows, "PER_SAMPLE_SHARE", 2.0)  # per-sample wherever it applies
+    monkeypatch.setattr(lb.LinearBoundEngine, "upper_first", False)  # the union bounds both sides of its rows
     graph, shape = GRAPHS[name]
     box = _box(shape, 5, 11, width=0.8)
     off = {"forward_prescreen": False}  # whether it runs depends on the batch's unstable rows
