@@ -60,6 +60,9 @@ class _Group(click.Group):
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         """click's main, with verikit's error contract (see the module docstring)."""
         if args is None and standalone_mode:  # the real console script (not a test runner)
+            from verikit.allocator import keep_freed_memory_from_env
+
+            keep_freed_memory_from_env()  # large tensors reuse mapped pages (allocator.py)
             try:
                 return self._main(list(sys.argv[1:]), prog_name, complete_var, standalone_mode, **extra)
             except SystemExit as e:
