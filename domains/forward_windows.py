@@ -93,11 +93,14 @@ def densify(s: Tiled, t: Optional[Tensor], K: int) -> Optional[Tensor]:
         return None
     B, G, Kg, C, h, w = t.shape
     _, H, W = s.shape
-    top, left, bottom, right = _margins(s, h, w, H, W)
-    big = t.new_zeros(B, K, C, H + top + bottom, W + left + right)
+    # written straight into the map, each window cut to it (tiles hold disjoint coordinates):
+    # no padded copy to crop and make contiguous again (CNN7: 177 MB zeroed, 79 MB copied)
+    out = t.new_zeros(B, K, C, H, W)
     for g, (a, b) in enumerate(zip(s.tops, s.lefts)):
-        big[:, s.index[g], :, a + top: a + top + h, b + left: b + left + w] = t[:, g]
-    return big[..., top: top + H, left: left + W]
+        r0, r1, c0, c1 = max(a, 0), min(a + h, H), max(b, 0), min(b + w, W)
+        if r0 < r1 and c0 < c1:
+            out[:, s.index[g], :, r0:r1, c0:c1] = t[:, g, :, :, r0 - a: r1 - a, c0 - b: c1 - b]
+    return out
 
 
 def bounds(s: Tiled) -> tuple[Tensor, Tensor]:
