@@ -174,25 +174,38 @@ class ReluChains:
         return self._weights[key][2:]
 
     def input_fold(self, node: ir.Node, rows: Optional[LiveNeurons], box) -> Optional[tuple]:
-        """(W c (B, 1, a), W diag r ((B,) a, n)) of the Linear `node` on the graph input, its
+        """(W c + b (B, 1, a), W diag r ((B,) a, n)) of the Linear `node` on the graph input, its
         weight restricted to live output neurons `rows`, for the input box's centre c and
         radius r; None when the per-sample scaled weights would be too large."""
         cached = self._input_folds.get(node.name)
         if cached is not None and cached[0] is rows and cached[1] is box.lo and cached[2] is box.hi:
             return cached[3]
-        w, _ = self.weights(node, rows, None)
         with torch.no_grad():
+            w = node.op.weight.detach()  # (out, n): never a per-sample weight (the graph input's Linear)
             c, r = box.center.detach(), box.radius.detach()
             B = c.shape[0]
             c, r = c.reshape(B, -1), r.reshape(B, -1)
-            if B > 1 and w.dim() == 2 and bool((r == r[:1]).all()):
+            per_sample = rows is not None and rows.per_sample
+            a = w.shape[0] if rows is None else rows.idx.shape[-1]
+            if B > 1 and not per_sample and bool((r == r[:1]).all()):
                 r = r[:1]  # one radius for the batch (e.g. branch and bound's children): one weight
-            if r.shape[0] * w.shape[-2] * w.shape[-1] > PER_SAMPLE_ELEMENTS:
+            if w.dim() != 2 or r.shape[0] * a * w.shape[1] > PER_SAMPLE_ELEMENTS:
                 fold = None
             else:
-                wc = torch.matmul(w, c.unsqueeze(-1)).transpose(-1, -2)  # (B, 1, a)
-                wr = w * r.unsqueeze(-2)
-                fold = (wc, wr[0] if wr.dim() == 3 and wr.shape[0] == 1 else wr)
+                # W c for all neurons, then the live ones; W diag r from the live rows of W
+                # directly (no gathered copy of the weight first)
+                wc = torch.matmul(c, w.T)
+                if node.op.bias is not None:
+                    wc = wc + node.op.bias.detach()
+                if per_sample:
+                    wc = wc.gather(1, rows.idx)
+                    wr = w.index_select(0, rows.idx.flatten()).view(B, a, -1).mul_(r.unsqueeze(1))
+                else:
+                    live = w if rows is None else w[rows.idx]
+                    wc = wc if rows is None else wc[:, rows.idx]
+                    wr = live * r.unsqueeze(1)
+                    wr = wr[0] if wr.shape[0] == 1 else wr
+                fold = (wc.unsqueeze(1), wr)
         self._input_folds[node.name] = (rows, box.lo, box.hi, fold)
         return fold
 
@@ -225,13 +238,13 @@ class ReluChains:
                 below = steps[i + 1] if i + 1 < len(steps) else None
                 # a ReLU below with an error radius needs all its coefficients (<|lam|, err>)
                 cols = self.live(below) if below is not None and below.name not in errors else None
+                fold = self.input_fold(node, live, input_box) if below is None and input_box is not None else None
+                if fold is not None:  # <lam, W c + b> - ||lam W diag r||_1: the minimum over the box
+                    wcb, wr = fold
+                    return None, const + _dot(lam, wcb) - torch.linalg.vector_norm(torch.matmul(lam, wr), 1, -1)
                 w, b = self.weights(node, live, cols)
                 if b is not None:
                     const = const + _dot(lam, b)
-                fold = self.input_fold(node, live, input_box) if below is None and input_box is not None else None
-                if fold is not None:  # <lam, W c> - ||lam W diag r||_1: the minimum over the box
-                    wc, wr = fold
-                    return None, const + _dot(lam, wc) - torch.linalg.vector_norm(torch.matmul(lam, wr), 1, -1)
                 lam = torch.matmul(lam, w)
                 live = cols
         return lam, const
