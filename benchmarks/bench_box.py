@@ -74,8 +74,14 @@ def main():
     ap.add_argument("--repeats", type=int, default=None, help="default: 10 for cnn7, 50 for mlp")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--modes", default="inference,train")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="the allocator setting the verikit command uses (verikit/allocator.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from verikit.allocator import keep_freed_memory
+
+        print(f"keep freed memory: {keep_freed_memory()}")
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); target: box pass <= {TARGET}x a forward pass")
     for name in args.models.split(","):

@@ -90,8 +90,14 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--steps", type=int, default=None, help="timed rounds (one step per method each; default: 20 small, 3 cnn7)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="the allocator setting the verikit command uses (verikit/allocator.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from verikit.allocator import keep_freed_memory
+
+        print(f"keep freed memory: {keep_freed_memory()}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
     for name in args.models.split(","):
         steps = args.steps or (3 if name == "cnn7" else 20)
