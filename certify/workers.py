@@ -16,6 +16,7 @@ import torch
 
 _MODELS: dict = {}  # (path, mean, std, device) -> LoadedModel, per worker process
 _VNN_MODELS: dict = {}  # the `models` cache of decide_instance, per worker process
+_ALLOCATOR_SET = False  # the allocator setting is taken once per worker process
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,16 @@ class ModelSpec:
 
 
 def _threads(n: int) -> None:
+    """A task's set-up in its worker: the torch thread count, and the allocator setting of the
+    command that started the workers (verikit/allocator.py: VERIKIT_KEEP_FREED_MEMORY=1)."""
+    global _ALLOCATOR_SET
     if n and torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if not _ALLOCATOR_SET:
+        from verikit.allocator import keep_freed_memory_from_env
+
+        keep_freed_memory_from_env(default=False)
+        _ALLOCATOR_SET = True
 
 
 def _device(device: str) -> str:

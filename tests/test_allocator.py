@@ -52,3 +52,24 @@ def test_console_script_turns_it_on(monkeypatch, capsys):
     assert "crown" in capsys.readouterr().out
     cli.main.main(["domains"], standalone_mode=False)
     assert calls == [1]
+
+
+def test_the_setting_reaches_worker_processes(monkeypatch, restore_defaults):
+    """Taken by a command, the environment says 1, and a worker (default=False) follows it;
+    without it a worker leaves its allocator alone."""
+    calls = []
+    monkeypatch.setattr(allocator, "keep_freed_memory", lambda enable=True: calls.append(enable) or True)
+    monkeypatch.delenv(allocator.ENV, raising=False)
+    assert allocator.keep_freed_memory_from_env(default=False) is False and calls == []
+    assert allocator.keep_freed_memory_from_env() is True
+    import os
+
+    assert os.environ[allocator.ENV] == "1"
+    assert allocator.keep_freed_memory_from_env(default=False) is True and calls == [True, True]
+    from verikit.certify import workers
+
+    monkeypatch.setattr(workers, "_ALLOCATOR_SET", False)
+    workers._threads(0)
+    assert calls == [True, True, True] and workers._ALLOCATOR_SET
+    workers._threads(0)
+    assert len(calls) == 3  # once per process

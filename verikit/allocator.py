@@ -9,7 +9,8 @@ about 25% faster (benchmarks/bench_allocator.py). Memory that is really in use i
 the resident size may stay up to 1 GiB above it between calls (`malloc_trim` hands it back).
 
 The `verikit` console script turns this on for its process (set VERIKIT_KEEP_FREED_MEMORY=0
-to keep glibc's defaults); library users call `keep_freed_memory()` themselves.
+to keep glibc's defaults) and, through that variable, for the Ray workers of a local
+`--workers N` run (certify/workers.py); library users call `keep_freed_memory()` themselves.
 """
 from __future__ import annotations
 
@@ -62,8 +63,14 @@ def keep_freed_memory(enable: bool = True) -> bool:
     return ok
 
 
-def keep_freed_memory_from_env() -> bool:
-    """keep_freed_memory() unless the environment turns it off (VERIKIT_KEEP_FREED_MEMORY=0)."""
-    if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+def keep_freed_memory_from_env(default: bool = True) -> bool:
+    """keep_freed_memory() unless the environment turns it off (VERIKIT_KEEP_FREED_MEMORY=0);
+    with default=False only where it says 1 (a worker process of a command that took it).
+    Once taken, the environment says 1, so that worker processes started from here follow."""
+    value = os.environ.get(ENV, "1" if default else "0").strip().lower()
+    if value in ("0", "false", "no", "off", ""):
         return False
-    return keep_freed_memory(True)
+    if not keep_freed_memory(True):
+        return False
+    os.environ[ENV] = "1"
+    return True
