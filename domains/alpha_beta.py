@@ -35,6 +35,7 @@ from torch import Tensor
 from verikit import ir
 from verikit.bounds import Box, BoundStore
 
+from .adam import Adam
 from .bab_activation_split import interval_constant, interval_multipliers, interval_terms, s_shaped_nodes
 from .box import propagate_box
 from .linear_bounds import LinearBoundEngine
@@ -265,7 +266,7 @@ def bound_subdomains(folded: ir.Graph, batch: SubdomainBatch, ctx=None, steps: i
     params += [p for a, b in inter.values() for p in list(a.values()) + list(b.values())]
     groups = [{"params": [p for p in params if any(p is a for a in _all_alphas(alphas, inter))], "lr": lr_alpha},
               {"params": [p for p in params if not any(p is a for a in _all_alphas(alphas, inter))], "lr": lr_beta}]
-    opt = torch.optim.Adam([g for g in groups if g["params"]]) if params and steps > 0 else None
+    opt = Adam([g for g in groups if g["params"]]) if params and steps > 0 else None
     done = 0
     for step in range(steps if opt is not None else 0):
         if proven is not None and bool((proven(best) | empty).all()):

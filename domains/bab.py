@@ -66,6 +66,18 @@ class SearchResult:
                 "reason": self.reason, "leaf_milp": self.leaf_milp, "time": self.seconds}
 
 
+def _deterministic(mode: bool, warn_only: bool = False) -> None:
+    """torch.use_deterministic_algorithms without its import of torch._inductor.config (1.3 s
+    on this machine, paid by every `verikit certify` and VNN-COMP instance that reaches bab):
+    the flag itself lives in torch._C; the inductor copy matters only to compiled code, which
+    verikit does not run."""
+    setter = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if setter is None:  # another torch: the public call
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        setter(mode, warn_only=warn_only)
+
+
 @register_domain
 class BabDomain(Domain):
     name = "bab"
@@ -125,9 +137,9 @@ class BabDomain(Domain):
         spec = spec.to(device=inputs.lo.device, dtype=graph.dtype)
         B = inputs.lo.shape[0]
         statuses, cexs, lowers, infos = [], [], [], []
-        old = torch.are_deterministic_algorithms_enabled()
+        old = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
         if self.config["deterministic"]:
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            _deterministic(True, warn_only=True)
         try:
             for b in range(B):
                 spec_b = spec.for_sample(b) if spec.C.dim() == 3 else spec
@@ -137,7 +149,7 @@ class BabDomain(Domain):
                 lowers.append(res.lower)
                 infos.append(res.info())
         finally:
-            torch.use_deterministic_algorithms(old)
+            _deterministic(*old)
         lower = torch.stack(lowers).to(inputs.lo.dtype)
         out_store = propagate_box(graph, inputs.detach(), None, ctx) if store is None else store
         info = {"samples": infos, "visited": sum(i["visited"] for i in infos),

@@ -19,6 +19,7 @@ import torch
 from verikit.errors import VerikitError
 from verikit.spec import Spec, fold_spec
 
+from .adam import Adam
 from .base import Domain, DomainResult, register_domain
 from .deeppoly import DEFAULT_MAX_ROWS
 from .guard import engine_guard
@@ -48,7 +49,7 @@ def optimise_alpha(engine: LinearBoundEngine, start_lower: torch.Tensor, steps: 
         init = rel.lower_slope.detach().unsqueeze(1).expand((B, n) + tuple(rel.lower_slope.shape[1:]))
         alphas[node.name] = init.clone().requires_grad_(True)
         ranges[node.name] = rel.alpha_range
-    opt = torch.optim.Adam(list(alphas.values()) + tangents.params, lr=lr)
+    opt = Adam(list(alphas.values()) + tangents.params, lr=lr)
     lam = torch.eye(n, device=engine.device, dtype=engine.dtype).expand(B, n, n).reshape((B, n) + shape)
     params = list(alphas.values()) + tangents.params
     for step in range(steps + 1):
