@@ -352,3 +352,30 @@ def test_phase_transpose_is_the_transposed_convolution(c_in, c_out, stride, pad,
     got = _transpose(lam, weight, stride, (pad, pad), (1, 1), 1, (side, side))
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert not _phases_pay(weight, (1, 1), (1, 1), 1) and not _phases_pay(weight, stride, (2, 2), 1)
+
+
+def test_phase_transpose_on_random_geometries():
+    """The phase form against torch's conv_transpose2d over random strides, paddings, kernels
+    (multiples of the stride), maps and output paddings: every output row and column."""
+    import torch.nn.functional as F
+
+    from verikit.domains.conv_windows import _phase_transpose, phase_kernel
+
+    gen = torch.Generator().manual_seed(77)
+    ri = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=gen))
+    for _ in range(40):
+        sh, sw = ri(2, 3), ri(1, 3)
+        kh, kw = sh * ri(1, 3), sw * ri(1, 3)
+        ph, pw = ri(0, kh - 1), ri(0, kw - 1)
+        side_h, side_w = ri(kh, 12), ri(kw, 12)
+        c_in, c_out = ri(1, 3), ri(1, 4)
+        weight = torch.randn(c_out, c_in, kh, kw, generator=gen, dtype=DT)
+        h = (side_h + 2 * ph - kh) // sh + 1
+        w = (side_w + 2 * pw - kw) // sw + 1
+        if h < 1 or w < 1:
+            continue
+        lam = torch.randn(3, c_out, h, w, generator=gen, dtype=DT)
+        extra = (side_h - ((h - 1) * sh - 2 * ph + kh), side_w - ((w - 1) * sw - 2 * pw + kw))
+        want = F.conv_transpose2d(lam, weight, None, (sh, sw), (ph, pw), extra)
+        got = _phase_transpose(lam, phase_kernel(weight, (sh, sw)), c_in, (sh, sw), (ph, pw), (side_h, side_w))
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
