@@ -229,8 +229,28 @@ def _down(f: Fraction) -> float:
     return v if Fraction(v) <= f else math.nextafter(v, -math.inf)
 
 
+def _input_bound(c: dict, strict: bool, path: str) -> tuple:
+    """An input constraint c_k x_i + c_0 <= 0 (< 0 when strict) as (i, is an upper bound, the
+    bound rounded outward, the bound rounded inward), exactly (in fractions)."""
+    var = [k for k in c if k != 1 and c[k] != 0]
+    if len(var) != 1:
+        raise SpecError(f"{path}: input constraints must bound one X_i each (boxes only)")
+    (k,) = var
+    bound = -Fraction(c.get(1, 0.0)) / Fraction(c[k])  # exact: c_k x + c_0 <= 0
+    if c[k] > 0:  # x <= bound (x < bound when strict)
+        inner = _down(bound)
+        inner = math.nextafter(inner, -math.inf) if strict and Fraction(inner) == bound else inner
+        return k[1], True, _up(bound), inner
+    inner = _up(bound)
+    inner = math.nextafter(inner, math.inf) if strict and Fraction(inner) == bound else inner
+    return k[1], False, _down(bound), inner
+
+
 def _compile(dnf: Formula, n_in: int, n_out: int, path: str) -> VnnlibProperty:
     by_box: dict = {}
+    # the disjunctive normal form repeats the input box in every disjunct (a robustness
+    # property: 1,568 input constraints in each of 9): each constraint is converted once
+    converted: dict = {}
     for conj in dnf:
         lo, hi = np.full(n_in, -np.inf), np.full(n_in, np.inf)
         lo_in, hi_in = lo.copy(), hi.copy()
@@ -238,20 +258,14 @@ def _compile(dnf: Formula, n_in: int, n_out: int, path: str) -> VnnlibProperty:
         for c, strict in conj:
             kinds = {k[0] for k in c if k != 1 and c[k] != 0}
             if kinds == {"X"}:
-                var = [k for k in c if k != 1 and c[k] != 0]
-                if len(var) != 1:
-                    raise SpecError(f"{path}: input constraints must bound one X_i each (boxes only)")
-                (k,) = var
-                i = k[1]
-                bound = -Fraction(c.get(1, 0.0)) / Fraction(c[k])  # exact: c_k x + c_0 <= 0
-                if c[k] > 0:  # x <= bound (x < bound when strict)
-                    inner = _down(bound)
-                    inner = math.nextafter(inner, -math.inf) if strict and Fraction(inner) == bound else inner
-                    hi[i], hi_in[i] = min(hi[i], _up(bound)), min(hi_in[i], inner)
+                key = (id(c), strict)
+                if key not in converted:
+                    converted[key] = (c, _input_bound(c, strict, path))  # c kept: its id stays unique
+                i, upper, outer, inner = converted[key][1]
+                if upper:
+                    hi[i], hi_in[i] = min(hi[i], outer), min(hi_in[i], inner)
                 else:
-                    inner = _up(bound)
-                    inner = math.nextafter(inner, math.inf) if strict and Fraction(inner) == bound else inner
-                    lo[i], lo_in[i] = max(lo[i], _down(bound)), max(lo_in[i], inner)
+                    lo[i], lo_in[i] = max(lo[i], outer), max(lo_in[i], inner)
             elif kinds == {"Y"}:
                 a = np.zeros(n_out)
                 for k, v in c.items():
