@@ -18,27 +18,21 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_lirpa import NETS, build_net  # noqa: E402
+from bench_vs_lirpa import ab_arguments, build_net, chosen_nets  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default="cnn7")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "verikit-bench"))
+    ab_arguments(p, "cnn7", 3)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import verikit
     from verikit.allocator import keep_freed_memory
     from verikit.domains import get_domain
 
-    nets = args.nets.split(",")
-    unknown = sorted(set(nets) - set(NETS))
-    if unknown:
-        p.error(f"unknown nets {unknown}; available: {', '.join(NETS)}")
+    nets = chosen_nets(p, args.nets)
     if not keep_freed_memory(False):
         print("the C library is not glibc: nothing to compare")
         return 0

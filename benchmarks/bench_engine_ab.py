@@ -23,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_vs_lirpa import NETS, build_net  # noqa: E402
+from bench_vs_lirpa import ab_arguments, build_net, chosen_nets  # noqa: E402
 
 CONFIGS = {"off": (False, False), "upper_first": (True, False), "fold_input": (False, True), "both": (True, True)}
 
@@ -53,19 +53,13 @@ def time_configs(graph, box, spec, reps: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--nets", default="mlp256x2,mlp256x4,mlp9x200")
     p.add_argument("--batches", default="1,32")
-    p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "verikit-bench"))
+    ab_arguments(p, "mlp256x2,mlp256x4,mlp9x200", 7)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import verikit
 
-    nets = args.nets.split(",")
-    unknown = sorted(set(nets) - set(NETS))
-    if unknown:
-        p.error(f"unknown nets {unknown}; available: {', '.join(NETS)}")
+    nets = chosen_nets(p, args.nets)
     print("median CROWN time per configuration (x: speed-up over 'off', both switches off)")
     print(f"{'net':<14}{'batch':>6}" + "".join(f"{c:>20}" for c in CONFIGS) + f"{'both/off':>10}{'max |dlo|':>11}")
     for name in nets:

@@ -343,6 +343,23 @@ def batch_evidence(runners: dict, x, y, eps, method: str, batched: dict, lirpa=N
 
 
 # ------------------------------------------------------------------------------------ main
+def ab_arguments(p, nets: str, reps: int) -> None:
+    """The options of the A/B scripts built on these nets (bench_engine_ab.py, bench_allocator.py)."""
+    p.add_argument("--nets", default=nets)
+    p.add_argument("--reps", type=int, default=reps)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "verikit-bench"))
+
+
+def chosen_nets(p, text: str) -> list:
+    """The comma list of --nets, every name one of NETS (else argparse's usage error)."""
+    nets = text.split(",")
+    unknown = sorted(set(nets) - set(NETS))
+    if unknown:
+        p.error(f"unknown nets {unknown}; available: {', '.join(NETS)}")
+    return nets
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nets", default=",".join(n for n in NETS))

@@ -247,15 +247,19 @@ def test_fast_paths_sound_by_sampling(name):
     graph, shape = GRAPHS[name]
     box = _box(shape, 4, 6, width=0.7)
     _, (e, lo, hi) = engines(graph, box)
-    xs = box.sample(500, torch.Generator().manual_seed(0))
+    assert_holds_on(graph, e, lo, hi, box.sample(500, torch.Generator().manual_seed(0)))
+
+
+def assert_holds_on(graph, engine, lo, hi, xs, tol=1e-9):
+    """Every bound the engine stored, and the output bounds lo, hi, hold at the points xs (n, B, ...)."""
     with torch.no_grad():
         values = graph.forward(xs.reshape((-1,) + tuple(xs.shape[2:])), return_all=True)
     for node, v in values.items():
         v = v.reshape(xs.shape[:2] + v.shape[1:])
-        stored = e.store[node]
-        assert ((v >= stored.lo - 1e-9) & (v <= stored.hi + 1e-9)).all(), node
+        stored = engine.store[node]
+        assert ((v >= stored.lo - tol) & (v <= stored.hi + tol)).all(), node
     y = values[graph.output].reshape(xs.shape[0], xs.shape[1], -1)
-    assert (y >= lo - 1e-9).all() and (y <= hi + 1e-9).all()
+    assert (y >= lo - tol).all() and (y <= hi + tol).all()
 
 
 @pytest.mark.parametrize("name", ["mlp", "mlp-wide", "conv-pool-1ch", "conv-pool-8ch", "linear-bn"])
