@@ -135,9 +135,8 @@ class RowRefinement:
         if rows.numel() == 0:
             return box
         lo, hi = lo.clone(), hi.clone()
-        # at batch 1 the second pass costs more than the few rows it skips (5-15% slower)
-        upper_first = self.fast_paths and self.upper_first and B > 1 and need is not None and \
-            all(type(op) is ir.ReLU for op in users)
+        upper_first = self.fast_paths and self.upper_first and B >= self.upper_first_min_batch and \
+            need is not None and all(type(op) is ir.ReLU for op in users)
         # hand over to the forward functions a few layers down where the rest is deep (fewer
         # rows reach the input: CNN7 5th conv 4148 -> 573, its Linear 506 -> 63)
         stop = self.forward.stop_for(name) if self.forward is not None and own is None and need is not None else None
