@@ -65,7 +65,7 @@ class LinearBoundEngine(RowRefinement):
     # Class switches, off only to compare against the plain rules (tests, benchmarks/bench_engine_ab.py):
     # intermediate rows read by ReLUs only get upper bounds first, lower ones where hi > 0
     # (row_refinement.py), from this batch size on (at batch 1 the second pass costs more than
-    # the few rows it skips: 5-15% slower on the MLPs of bench_vs_lirpa.py)
+    # the few rows it skips: 8-16% slower on the nets of bench_vs_lirpa.py)
     upper_first = True
     upper_first_min_batch = 2
     # chains ending at the input minimise over the input box themselves (relu_chain.py)
