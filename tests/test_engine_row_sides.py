@@ -26,15 +26,16 @@ DT = torch.float64
 TOL = 1e-9
 
 
-def run(graph, box, monkeypatch, **switches):
-    """(engine, lower, upper) of the fast-path CROWN engine with the given class switches."""
+def run(graph, box, monkeypatch, variant="crown", max_rows=4096, then=None, **switches):
+    """(engine, lower, upper) of the fast-path engine with the given class switches, and
+    then(engine, lower) where given, still under those switches."""
     with monkeypatch.context() as m:
         for name, value in switches.items():
             m.setattr(lb.LinearBoundEngine, name, value)
         with torch.no_grad():
-            e = lb.prepare(graph, box, None, None, "crown", 4096, True, forward_prescreen=False)
+            e = lb.prepare(graph, box, None, None, variant, max_rows, True, forward_prescreen=False)
             lo, hi = lb.output_bounds(e)
-    return e, lo, hi
+        return (e, lo, hi) if then is None else (e, lo, hi, then(e, lo))
 
 
 def _box(shape, batch, seed, width=0.7, shared_radius=False):
@@ -129,15 +130,8 @@ def test_alpha_crown_equal_with_and_without_the_shortcuts(monkeypatch, batch):
     """alpha steps run through a folded input (their gradient reaches the slopes through lam)."""
     graph, shape = GRAPHS["mlp-wide"]
     box = _box(shape, batch, 5, width=0.6)
-    found = []
-    for on in (False, True):
-        with monkeypatch.context() as m:
-            m.setattr(lb.LinearBoundEngine, "upper_first", on)
-            m.setattr(lb.LinearBoundEngine, "fold_input", on)
-            with torch.no_grad():
-                e = lb.prepare(graph, box, None, None, "crown", 4096, True, forward_prescreen=False)
-                lo, _ = lb.output_bounds(e, upper=False)
-            found.append((lo, optimise_alpha(e, lo, 8, 0.1)))
+    found = [run(graph, box, monkeypatch, then=lambda e, lo: optimise_alpha(e, lo, 8, 0.1),
+                 upper_first=on, fold_input=on)[1::2] for on in (False, True)]
     assert (found[0][1] > found[0][0] + 1e-6).any()  # the steps did something
     torch.testing.assert_close(found[1][0], found[0][0], rtol=TOL, atol=TOL)
     torch.testing.assert_close(found[1][1], found[0][1], rtol=1e-7, atol=1e-7)
@@ -198,15 +192,8 @@ def test_shortcuts_on_random_nets_and_batches(monkeypatch, case):
         labels = torch.randint(0, widths[-1], (B,), generator=torch.Generator().manual_seed(case))
         graph = fold_spec(graph, Spec.robustness(labels, widths[-1]).to(dtype=DT))
     variant, max_rows = rng.choice(["crown", "deeppoly"]), rng.choice([8, 64, 4096])
-    found = []
-    for on in (False, True):
-        with monkeypatch.context() as m:
-            m.setattr(lb.LinearBoundEngine, "upper_first", on)
-            m.setattr(lb.LinearBoundEngine, "fold_input", on)
-            with torch.no_grad():
-                e = lb.prepare(graph, box, None, None, variant, max_rows, True, forward_prescreen=False)
-                found.append((e,) + tuple(lb.output_bounds(e)))
-    (e0, lo0, hi0), (e1, lo1, hi1) = found
+    (e0, lo0, hi0), (e1, lo1, hi1) = (run(graph, box, monkeypatch, variant, max_rows, upper_first=on, fold_input=on)
+                                      for on in (False, True))
     torch.testing.assert_close(lo1, lo0, rtol=TOL, atol=TOL)
     torch.testing.assert_close(hi1, hi0, rtol=TOL, atol=TOL)
     for node in graph.nodes:
