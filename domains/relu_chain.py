@@ -181,7 +181,7 @@ class ReluChains:
         if cached is not None and cached[0] is rows and cached[1] is box.lo and cached[2] is box.hi:
             return cached[3]
         with torch.no_grad():
-            w = node.op.weight.detach()  # (out, n): never a per-sample weight (the graph input's Linear)
+            w = node.op.weight.detach()  # (out, n); a per-sample (B, out, n) weight is not folded
             c, r = box.center.detach(), box.radius.detach()
             B = c.shape[0]
             c, r = c.reshape(B, -1), r.reshape(B, -1)

@@ -4,9 +4,11 @@ glibc serves every allocation above its mmap threshold (at most 32 MB) with a fr
 unmaps it on free, so each large tensor of a bound computation (CNN7's forward coefficients
 and row blocks: 80-180 MB each, allocated hundreds of times per call) is page-faulted in from
 zero again, at a few GB/s. Serving them from the heap and keeping up to 1 GiB of freed memory
-at its top makes those allocations reuse pages already mapped: CNN7 CROWN at batch 1 runs
-about 25% faster (benchmarks/bench_allocator.py). Memory that is really in use is unchanged;
-the resident size may stay up to 1 GiB above it between calls (`malloc_trim` hands it back).
+at its top makes those allocations reuse pages already mapped: CNN7 CROWN at batch 1 ran
+×1.12-1.22 faster (benchmarks/bench_allocator.py, 2026-12-07). The price is a higher peak,
+since freed blocks are reused less tightly than fresh mappings (1.46 -> 1.79 GB in that run),
+and a resident size that may stay up to 1 GiB above what is in use between calls
+(`malloc_trim` hands it back).
 
 The `verikit` console script turns this on for its process (set VERIKIT_KEEP_FREED_MEMORY=0
 to keep glibc's defaults) and, through that variable, for the Ray workers of a local
