@@ -40,6 +40,13 @@ def per_sample_rows(need: Tensor):
     return rows, need.gather(1, rows)
 
 
+def collect_sides(found: dict, lb: Tensor, k: int, sides: tuple) -> None:
+    """Append to found[sign] the bounds of a chunk's k rows per side from its lower_bound
+    `lb` (B, len(sides) * k): the lower bound itself for +1, minus it (the upper bound) for -1."""
+    for sign, part in zip(sides, lb.split(k, 1)):
+        found[sign].append(part if sign > 0 else -part)
+
+
 def bound_rows_per_sample(engine, name: str, rows: Tensor, sides: tuple = (1, -1), stop=None) -> tuple:
     """Lower and upper bounds (B, k) of the flat neurons rows[b] of node `name` in sample b,
     in chunks of at most the engine's `max_rows_per_chunk` rows over the whole batch.
@@ -60,8 +67,7 @@ def bound_rows_per_sample(engine, name: str, rows: Tensor, sides: tuple = (1, -1
             for j, sign in enumerate(sides):
                 lam[:, j * k:(j + 1) * k].scatter_(2, chunk.unsqueeze(-1), float(sign))
             lb = engine.lower_bound(name, lam.reshape((B, len(sides) * k) + shape), stop=stop)
-        for sign, part in zip(sides, lb.split(k, 1)):
-            found[sign].append(part if sign > 0 else -part)
+        collect_sides(found, lb, k, sides)
         engine.rows_bounded += len(sides) * k * B
     return tuple(torch.cat(found[s], 1) if s in found else None for s in (1, -1))
 

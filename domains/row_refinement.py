@@ -21,7 +21,7 @@ from verikit.bounds import Box
 from .box import propagate_box
 from .conv_windows import Window
 from .forward_bounds import ForwardBounds
-from .linear_rows import bound_rows_per_sample, linear_rows, per_sample_rows, row_form, tighten
+from .linear_rows import bound_rows_per_sample, collect_sides, linear_rows, per_sample_rows, row_form, tighten
 
 # rows (over the batch) of one chunk of windowed rows: the windows' small transposed
 # convolutions run faster on fewer rows at a time (oval21-style CNN at batch 32: its 2nd conv
@@ -72,8 +72,7 @@ class RowRefinement:
                 for j, sign in enumerate(sides):
                     lam[:, ar + j * k, chunk] = float(sign)
                 lb = self.lower_bound(name, lam.reshape((B, len(sides) * k) + shape), stop=stop)
-            for sign, part in zip(sides, lb.split(k, 1)):
-                found[sign].append(part if sign > 0 else -part)
+            collect_sides(found, lb, k, sides)
             self.rows_bounded += len(sides) * k * B
         # chunks may visit the rows in another order: put the results back in `rows` order
         done = torch.cat(done)
