@@ -13,7 +13,7 @@ element-wise activations), is turned dense.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -40,6 +40,7 @@ class Tiled:
     lefts: list
     index: Tensor
     shape: tuple  # (C, H, W)
+    table: Optional[tuple] = field(default=None, repr=False, compare=False)  # _position_table's
 
 
 def initial(box_center: Tensor, radius: Tensor) -> Optional[Tiled]:
@@ -204,28 +205,89 @@ def add(states: list, m0: Tensor, d0: Optional[Tensor]) -> Tiled:
 
 def contract(s: Tiled, lam: Tensor, top: int, left: int, K: int) -> tuple[Tensor, Tensor]:
     """<lam, M> - <|lam|, D> for coefficients lam (B, m, C, hh, ww) placed at (top, left) of the
-    node's map: (const (B, m), coefficients on e (B, m, K)), tile by tile over the overlaps of
-    lam with each tile's window."""
+    node's map: (const (B, m), coefficients on e (B, m, K)). Through the node's position table
+    (`_position_table`): a batched product over the window's positions (one per number of
+    filled slots), and an index_add of the slots into their input coordinates. (Tile by tile,
+    the overlaps of lam and of each tile's window took two strided copies each: CNN7's 5th
+    conv rows, ~35 tiles x 49 row chunks, spent ~1 s copying and 0.3 s in 1,700 products.)"""
     B, m, C, hh, ww = lam.shape
-    h, w = s.mc.shape[-2:]
+    _, H, W = s.shape
     mag = lam.abs() if s.dc is not None or s.d0 is not None else None
+    r0, r1, c0, c1 = max(top, 0), min(top + hh, H), max(left, 0), min(left + ww, W)
     coef = lam.new_zeros(B, m, K)
-    for g, (a, b) in enumerate(zip(s.tops, s.lefts)):
-        r0, r1 = max(top, a), min(top + hh, a + h)
-        c0, c1 = max(left, b), min(left + ww, b + w)
-        if r0 >= r1 or c0 >= c1:
-            continue
-        part = lam[..., r0 - top: r1 - top, c0 - left: c1 - left].reshape(B, m, -1)
-        mc = s.mc[:, g, :, :, r0 - a: r1 - a, c0 - b: c1 - b].reshape(B, -1, part.shape[-1])
-        got = torch.bmm(part, mc.transpose(1, 2))
-        if s.dc is not None:
-            mag_g = mag[..., r0 - top: r1 - top, c0 - left: c1 - left].reshape(B, m, -1)
-            dc = s.dc[:, g, :, :, r0 - a: r1 - a, c0 - b: c1 - b].reshape(B, -1, part.shape[-1])
-            got = got - torch.bmm(mag_g, dc.transpose(1, 2))
-        coef[:, :, s.index[g]] += got
+    if r0 < r1 and c0 < c1:
+        mc, dc, index, filled = _position_table(s)
+        local = (torch.arange(r0 - top, r1 - top, device=lam.device).reshape(-1, 1) * ww
+                 + torch.arange(c0 - left, c1 - left, device=lam.device)).reshape(-1)
+        pos = (torch.arange(r0, r1, device=lam.device).reshape(-1, 1) * W
+               + torch.arange(c0, c1, device=lam.device)).reshape(-1)
+        fills = filled[pos]
+        total = lam.new_zeros(B, K + 1, m)  # column K: the empty slots
+        # (B, hh*ww, C, m): each position's coefficients one contiguous block, for the gathers
+        by_pos = lam.reshape(B, m, C, hh * ww).permute(0, 3, 2, 1).contiguous()
+        by_pos_mag = None if dc is None else by_pos.abs()
+        # positions grouped by how many slots they fill: a product over the filled slots only
+        # (CNN7's 5th conv rows: 58% of the most slots filled on average)
+        for f in sorted(set(fills.tolist())):
+            at = (fills == f).nonzero().flatten()
+            n, p, q = at.numel(), pos[at], local[at]
+            got = torch.bmm(mc[:, p, :f].reshape(B * n, f, C), by_pos[:, q].reshape(B * n, C, m))
+            if dc is not None:
+                got = got - torch.bmm(dc[:, p, :f].reshape(B * n, f, C), by_pos_mag[:, q].reshape(B * n, C, m))
+            total.index_add_(1, index[p, :f].reshape(-1), got.reshape(B, n * f, m))
+        coef = total[:, :K].transpose(1, 2)
     region = lambda t: t[..., top: top + hh, left: left + ww].reshape(B, 1, -1)
     flat = lam.reshape(B, m, -1)
     const = (flat * region(s.m0)).sum(-1)
     if s.d0 is not None:
         const = const - (mag.reshape(B, m, -1) * region(s.d0)).sum(-1)
     return const, coef
+
+
+def _position_table(s: Tiled) -> tuple[Tensor, Optional[Tensor], Tensor]:
+    """The tiles' windows regrouped by position of the (H, W) map, built once per state:
+    (mc (B, H*W, P, C), dc likewise or None, index (H*W, P), filled (H*W,)). Slot q at position
+    p holds the coefficients over the C channels of input coordinate index[p, q]; P is the most
+    slots any position has (tiles covering it times Kg), position p fills its first filled[p];
+    an empty slot has index K (the number of input coordinates, which the tiles' indices cover)
+    and zero coefficients."""
+    if s.table is not None:
+        return s.table
+    B, G, Kg, C, h, w = s.mc.shape
+    _, H, W = s.shape
+    device = s.mc.device
+    covered = [0] * (H * W)  # tiles covering each position so far
+    picks = []  # per tile: (its positions inside the map, their slot, the window's cut)
+    for a, b in zip(s.tops, s.lefts):
+        r0, r1, c0, c1 = max(a, 0), min(a + h, H), max(b, 0), min(b + w, W)
+        if r0 >= r1 or c0 >= c1:
+            picks.append(None)
+            continue
+        pos = [r * W + c for r in range(r0, r1) for c in range(c0, c1)]
+        slots = [covered[p] for p in pos]
+        for p in pos:
+            covered[p] += 1
+        picks.append((pos, slots, (r0 - a, r1 - a, c0 - b, c1 - b)))
+    per_position = max(covered)
+    P = per_position * Kg
+    index = torch.full((H * W, per_position, Kg), s.index.numel(), dtype=torch.long, device=device)
+    tables = []
+    for t in (s.mc, s.dc):
+        if t is None:
+            tables.append(None)
+            continue
+        table = t.new_zeros(B, H * W, per_position, Kg, C)
+        for g, pick in enumerate(picks):
+            if pick is None:
+                continue
+            pos, slots, (i0, i1, j0, j1) = pick
+            win = t[:, g, :, :, i0:i1, j0:j1]  # (B, Kg, C, oh, ow)
+            p = torch.tensor(pos, device=device)
+            q = torch.tensor(slots, device=device)
+            table[:, p, q] = win.permute(0, 3, 4, 1, 2).reshape(B, len(pos), Kg, C)
+            if t is s.mc:
+                index[p, q] = s.index[g]
+        tables.append(table.reshape(B, H * W, P, C))
+    filled = torch.tensor(covered, device=device) * Kg
+    s.table = (tables[0], tables[1], index.reshape(H * W, P), filled)
+    return s.table

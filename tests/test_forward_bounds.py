@@ -283,21 +283,34 @@ def test_prescreen_on_the_engine_test_graphs(name):
     assert bool((out.amin(0) >= lo - 1e-9).all()) and bool((out.amax(0) <= hi + 1e-9).all())
 
 
-def test_contract_of_a_window_equals_the_dense_coefficients():
-    """A Window of coefficients at an offset, contracted tile by tile, gives the same function
-    of e as the same coefficients placed in a full map."""
-    graph, shape = GRAPHS["conv"]
+@pytest.mark.parametrize("graph_name", ["conv", "conv-one-channel", "conv-leaky", "conv-tanh"])
+def test_contract_of_a_window_equals_the_dense_coefficients(graph_name):
+    """Windows of coefficients at every offset and size (corners and edges of the map included),
+    contracted through the position table, give the same function of e as the same
+    coefficients placed in a full map and contracted with the dense forward coefficients."""
+    graph, shape = GRAPHS[graph_name]
     box = bg.input_box(torch.Generator().manual_seed(12), shape, batch=2, width=1.0)
     _, forward = _forward_all(graph, box)
-    assert isinstance(forward.states["aff1"], fw.Tiled)
-    C, H, W = graph.shapes["aff1"]
-    part = torch.randn(2, 4, C, 3, 2, generator=torch.Generator().manual_seed(13), dtype=DT)
-    full = torch.zeros(2, 4, C, H, W, dtype=DT)
-    full[..., 1:4, 2:4] = part
-    got = forward.contract("aff1", lb.Window(part, 1, 2))
-    want = forward.contract("aff1", full)
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    tiled = [n for n, st in forward.states.items() if isinstance(st, fw.Tiled) and n != graph.input_name]
+    assert tiled, "the test needs a node whose forward coefficients are windows"
+    gen = torch.Generator().manual_seed(13)
+    for node in tiled:
+        C, H, W = graph.shapes[node]
+        dense = fb.ForwardBounds.__new__(fb.ForwardBounds)  # the same state, made dense
+        dense.K, dense.states = forward.K, {node: forward._dense(forward.states[node])}
+        for _ in range(12):
+            hh, ww = int(torch.randint(1, H + 1, (1,), generator=gen)), int(torch.randint(1, W + 1, (1,), generator=gen))
+            top, left = int(torch.randint(0, H - hh + 1, (1,), generator=gen)), int(torch.randint(0, W - ww + 1, (1,), generator=gen))
+            part = torch.randn(2, 4, C, hh, ww, generator=gen, dtype=DT)
+            full = torch.zeros(2, 4, C, H, W, dtype=DT)
+            full[..., top: top + hh, left: left + ww] = part
+            got = forward.contract(node, lb.Window(part, top, left))
+            want = dense.contract(node, full)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        table = forward.states[node].table
+        forward.contract(node, lb.Window(part, top, left))
+        assert forward.states[node].table is table  # built once per state
 
 
 def test_batches_beyond_the_memory_budget_go_one_sample_at_a_time(monkeypatch):
