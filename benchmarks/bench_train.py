@@ -5,7 +5,10 @@ Targets (issue 15): a SABR step at most 7× a plain step on CNN7 at batch 128 (t
 code takes 12× on this machine), IBP ~3.6× or better; the peak memory of an IBP and of a SABR
 step at most 1.5 GB above that of a plain step (the reference code: 3.7-4.0 GB in total). Peak
 memory is the resident set's peak during one step above its level before the step, measured in
-this process after the timed rounds.
+this process after the timed rounds. Arithmetic: the floating point operations of one step's
+matrix products and convolutions (flops.py), as a multiple of a standard step's, and the rate
+they ran at: a time ratio below the arithmetic ratio needs the step to run its products faster
+than a standard step does.
 
     python benchmarks/bench_train.py                       # cnn-small and cnn7, batch 128
     python benchmarks/bench_train.py --models cnn7 --steps 3 --threads 2
@@ -20,6 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from flops import gflop  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 
 
@@ -48,12 +52,13 @@ def time_methods(model_name: str, batch: int, rounds: int) -> dict:
             tr.step(x, y, 0.1, 1, torch.Generator().manual_seed(1))
             if r > 0:  # round 0 warms up
                 best[kind] = min(best[kind], time.perf_counter() - t0)
-    peak = {}
+    peak, work = {}, {}
     for kind, tr in trainers.items():
         with PeakRSS() as p:
             tr.step(x, y, 0.1, 1, torch.Generator().manual_seed(1))
         peak[kind] = p.gb
-    return best, peak
+        work[kind] = gflop(tr.step, x, y, 0.1, 1, torch.Generator().manual_seed(1))
+    return best, peak, work
 
 
 METHODS = (("standard", 0.0), ("pgd", 0.0), ("ibp", 1.0), ("sabr", 0.4))
@@ -104,10 +109,12 @@ def main():
         t_fwd, t_box = forward_and_box(name, args.batch, max(3, steps))
         print(f"\n{name}: forward {t_fwd * 1e3:.1f} ms, box pass {t_box * 1e3:.1f} ms "
               f"({t_box / t_fwd:.2f}x a forward; target <= ~2x)")
-        best, peak = time_methods(name, args.batch, steps)
+        best, peak, work = time_methods(name, args.batch, steps)
         for kind, t in best.items():
             print(f"  {kind:<8} {t:8.3f} s/step  {t / best['standard']:5.2f}x standard (min of {steps} rounds)   "
-                  f"peak memory {peak[kind]:5.2f} GB ({peak[kind] - peak['standard']:+.2f} GB vs standard)", flush=True)
+                  f"peak memory {peak[kind]:5.2f} GB ({peak[kind] - peak['standard']:+.2f} GB vs standard)   "
+                  f"arithmetic {work[kind]:7.1f} GFLOP ({work[kind] / work['standard']:5.2f}x standard, "
+                  f"{work[kind] / t:5.1f} GFLOP/s)", flush=True)
 
 
 if __name__ == "__main__":

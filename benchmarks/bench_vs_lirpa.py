@@ -21,6 +21,13 @@ verdict: `equal` (<= 1e-4: the same relaxation computed the same way), `verikit 
 bounds every sample on its own (batch 1) with both libraries and prints how far each
 library's batched bounds are from its own per-sample bounds (the batch-size evidence).
 
+Arithmetic: one more call of each library under a counting dispatch mode (flops.py, torch's
+FlopCounterMode formulas) gives the floating point operations of its matrix products and
+convolutions (GFLOP per call, and the ratio
+auto_LiRPA / verikit). Where that ratio is below the speed-up a target asks for, the target
+needs auto_LiRPA to run its products less efficiently than verikit, whatever verikit does
+around them (--no-flops skips the count).
+
     python benchmarks/bench_vs_lirpa.py                            # everything except the CNN7 extras
     python benchmarks/bench_vs_lirpa.py --nets mlp256x2,mlp9x200 --batches 1,32 --repeats 15
     python benchmarks/bench_vs_lirpa.py --nets cnn7 --methods crown  # ~2 minutes, ~8 GB for auto_LiRPA
@@ -38,6 +45,7 @@ from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from flops import gflop  # noqa: E402
 from peak_memory import PeakRSS  # noqa: E402
 MLP_ONNX = os.path.join(HERE, "..", "..", "shared", "vnncomp2021", "mnistfc", "mnist-net_256x2.onnx")
 SHIM_DIR = os.path.join(HERE, "..", "..", "shared", "tools")
@@ -296,6 +304,18 @@ def measure(runners: dict, repeats: int, budget: float):
     return {k: statistics.median(v) for k, v in times.items()}, mem, out, errors, n
 
 
+def count_flops(runners: dict) -> dict:
+    """GFLOP of one call of each runner: its matrix products and convolutions (flops.py; None
+    where the count fails)."""
+    out = {}
+    for k, f in runners.items():
+        try:
+            out[k] = gflop(f)
+        except Exception:  # noqa: BLE001  (a library's op the counter cannot follow: no figure)
+            out[k] = None
+    return out
+
+
 def compare(v: torch.Tensor, a: torch.Tensor) -> tuple[float, str]:
     """(largest |v - a| / (1 + |a|), verdict) for verikit's lower bounds v and auto_LiRPA's a."""
     rel = (v - a) / (1 + a.abs())
@@ -376,6 +396,7 @@ def main():
     p.add_argument("--cnn7-alpha", action="store_true", help="also run alpha-CROWN on CNN7 (tens of minutes)")
     p.add_argument("--no-evidence", action="store_true", help="skip the per-sample comparison at batch > 1")
     p.add_argument("--verikit-only", action="store_true", help="do not use auto_LiRPA even if it is importable")
+    p.add_argument("--no-flops", action="store_true", help="skip the count of floating point operations")
     p.add_argument("--cache", default=os.path.join(os.path.expanduser("~"), ".cache", "verikit-bench"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -431,7 +452,8 @@ def main():
                     variants = LIRPA_VARIANTS[method] if net_name != "cnn7" else dict(list(LIRPA_VARIANTS[method].items())[:1])
                     for label, variant in variants.items():
                         makers[label] = lambda xs, ys, m=method, v=variant: lirpa.prepare(xs, ys, eps, m, v)
-                t, mem, out, errors, n = measure({k: make(x, y) for k, make in makers.items()}, repeats, args.budget)
+                runners = {k: make(x, y) for k, make in makers.items()}
+                t, mem, out, errors, n = measure(runners, repeats, args.budget)
                 if "verikit" not in out:
                     print(f"{net_name} batch {batch} {method}: verikit failed: {errors['verikit']}")
                     continue
@@ -439,7 +461,8 @@ def main():
                     makers.pop(k)
                 row = {"net": net_name, "batch": batch, "method": method, "eps": eps, "t": t, "mem": mem, "errors": errors,
                        "margin": {k: worst_margin(v) for k, v in out.items()},
-                       "cmp": {k: compare(out["verikit"], v) for k, v in out.items() if k != "verikit"}}
+                       "cmp": {k: compare(out["verikit"], v) for k, v in out.items() if k != "verikit"},
+                       "flops": {} if args.no_flops else count_flops(runners)}
                 rows.append(row)
                 print_row(row, n)
                 if batch > 1 and method == "crown" and not args.no_evidence and net_name != "cnn7":
@@ -457,7 +480,8 @@ def print_row(r, repeats):
     v = r["t"]["verikit"]
     print(f"{r['net']:12s} batch {r['batch']:3d} {r['method']:11s} eps {r['eps']:.4f} (median of {repeats})")
     for k in r["t"]:
-        line = f"    {k:26s} {r['t'][k] * 1e3:10.1f} ms {r['mem'][k]:6.2f} GB  mean worst margin {r['margin'][k]:+9.4f}"
+        line = (f"    {k:26s} {r['t'][k] * 1e3:10.1f} ms {r['mem'][k]:6.2f} GB  mean worst margin {r['margin'][k]:+9.4f}"
+                + _flops(r, k))
         if k != "verikit":
             diff, verdict = r["cmp"][k]
             line += (f"  speed x{r['t'][k] / v:6.2f}  memory x{_ratio(r['mem'][k], r['mem']['verikit'])}"
@@ -471,11 +495,20 @@ def _ratio(a, b):
     return f"{a / b:5.2f}" if b > 1e-3 else "  -  "
 
 
+def _flops(r, k) -> str:
+    """'N GFLOP' of runner k, with the ratio to verikit's for auto_LiRPA's ('' without a count)."""
+    f, v = r["flops"].get(k), r["flops"].get("verikit")
+    if f is None:
+        return ""
+    ratio = f" (x{f / v:.2f})" if k != "verikit" and v else ""
+    return f"  {f:8.3f} GFLOP{ratio}"
+
+
 def print_summary(rows):
     if not rows:
         return
     print("\nsummary (median seconds per call; peak memory above the level before the call; x = auto_LiRPA / verikit)")
-    print(f"{'net':12s} {'batch':>5s} {'method':11s} {'verikit s':>10s} {'GB':>5s}  auto_LiRPA variants: s, GB, speed-up, memory ratio, tightness")
+    print(f"{'net':12s} {'batch':>5s} {'method':11s} {'verikit s':>10s} {'GB':>5s}  auto_LiRPA variants: s, GB, speed-up, memory ratio, tightness, arithmetic ratio")
     for r in rows:
         line = f"{r['net']:12s} {r['batch']:5d} {r['method']:11s} {r['t']['verikit']:10.4f} {r['mem']['verikit']:5.2f}"
         for k in r["t"]:
@@ -484,6 +517,9 @@ def print_summary(rows):
             diff, verdict = r["cmp"][k]
             line += (f"  | {k}: {r['t'][k]:.4f} s {r['mem'][k]:.2f} GB x{r['t'][k] / r['t']['verikit']:.2f} "
                      f"mem x{_ratio(r['mem'][k], r['mem']['verikit']).strip()} {verdict} ({diff:.0e})")
+            f, v = r["flops"].get(k), r["flops"].get("verikit")
+            if f is not None and v:
+                line += f" flops x{f / v:.2f}"
         for k in r["errors"]:
             line += f"  | {k}: failed"
         print(line)
