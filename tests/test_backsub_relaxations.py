@@ -109,3 +109,55 @@ def test_fit_moves_intercepts_as_point_by_point(dtype, f):
         points = [l, u, torch.clamp(torch.zeros_like(l), l, u)][: 1 + trial % 3]
         for above in (True, False):
             assert torch.equal(_fit(slope, bias, points, f, above), _fit_one_point_at_a_time(slope, bias, points, f, above))
+
+
+def _float32_intervals(seed: int, n: int = 4000):
+    """float32 (l, u) with l <= u across magnitudes: unstable ones from tiny to huge on either
+    side, stable ones, points (l = u, 0 included) and ends one ulp apart."""
+    gen = torch.Generator().manual_seed(seed)
+    mag = lambda: torch.exp(torch.empty(n).uniform_(-60, 60, generator=gen))  # e^-60 .. e^60
+    l = -mag() * (torch.rand(n, generator=gen) < 0.85)  # some l = 0
+    u = mag() * (torch.rand(n, generator=gen) < 0.9)
+    flip = torch.rand(n, generator=gen) < 0.2  # stable intervals: both ends on one side
+    l, u = torch.where(flip, u * 0.5, l), torch.where(flip, u, u)
+    l, u = l.float(), u.float()
+    point = torch.rand(n, generator=gen) < 0.05
+    l = torch.where(point, u, l)
+    near = torch.rand(n, generator=gen) < 0.05  # u one ulp above a negative l ... still unstable when u > 0
+    u = torch.where(near & (l < 0), torch.nextafter(torch.zeros_like(l), torch.ones_like(l)), u)
+    return torch.minimum(l, u), torch.maximum(l, u)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_float32_relu_fast_path_is_the_general_relaxation_and_exactly_sound(seed):
+    """The float32 ReLU path: the same slopes and masks as the general (leaky) rule bit for bit,
+    an upper intercept never more than one float32 step above its (often below: `_fit`'s slack
+    grows with |s u|, while the exact argument needs none there), and the chord above the ReLU
+    at both ends in exact rational arithmetic (on 4,000 intervals per seed, tiny to huge)."""
+    from fractions import Fraction
+
+    from verikit.domains.relaxations import _leaky_relaxation, relu_relaxation
+
+    l, u = _float32_intervals(seed)
+    fast, general = relu_relaxation(l, u), _leaky_relaxation(l, u, 0.0)
+    for name in ("lower_slope", "lower_bias", "upper_slope", "alpha_mask"):
+        assert torch.equal(getattr(fast, name), getattr(general, name)), name
+    unstable = fast.alpha_mask
+    assert bool(unstable.any()) and bool((~unstable).any())
+    assert bool((fast.upper_bias[~unstable] == 0).all())
+    b_fast, b_general = fast.upper_bias[unstable], general.upper_bias[unstable]
+    assert bool((b_fast <= torch.nextafter(b_general, torch.full_like(b_general, float("inf")))).all())
+    assert bool((b_fast < b_general).any())  # the cases where the general slack is wider
+    for li, ui, si, bi in zip(l[unstable].tolist(), u[unstable].tolist(), fast.upper_slope[unstable].tolist(),
+                              fast.upper_bias[unstable].tolist()):
+        li, ui, si, bi = (Fraction(v) for v in (li, ui, si, bi))
+        assert si * li + bi >= 0 and si * ui + bi >= ui  # above ReLU(l) = 0 and ReLU(u) = u
+
+
+def test_float32_relu_fast_path_in_float64_stays_general():
+    from verikit.domains.relaxations import _leaky_relaxation, relu_relaxation
+
+    l, u = _float32_intervals(5, 500)
+    l, u = l.double(), u.double()
+    fast, general = relu_relaxation(l, u), _leaky_relaxation(l, u, 0.0)
+    assert all(torch.equal(getattr(fast, k), getattr(general, k)) for k in ("lower_slope", "upper_slope", "upper_bias"))
