@@ -19,6 +19,7 @@ from verikit import ir
 from verikit.bounds import Box
 
 from .box import propagate_box
+from .conv_rows import conv_row_form, kernel_rows
 from .conv_windows import Window
 from .forward_bounds import ForwardBounds
 from .linear_rows import bound_rows_per_sample, collect_sides, linear_rows, per_sample_rows, row_form, tighten
@@ -59,10 +60,15 @@ class RowRefinement:
         done = []
         node = self.graph.node(name) if name != self.graph.input_name else None
         form = row_form(self, node, shape, stop)
+        kernels = conv_row_form(self, node, shape, stop) if windowed else None
         for chunk in self._chunks(rows, shape, per_chunk):
             done.append(chunk)
             k = chunk.numel()
-            if windowed:
+            start = kernel_rows(self, kernels, chunk, shape, sides) if kernels is not None else None
+            if start is not None:  # the rows as kernels on the convolution's input (conv_rows.py)
+                lb = self.lower_bound(kernels[0].inputs[0], start[0], stop=stop)
+                lb = lb if start[1] is None else lb + start[1]
+            elif windowed:
                 lb = self.lower_bound(name, self._one_hot_window(chunk, shape, sides), stop=stop)
             elif form is not None:
                 lb = linear_rows(self, form[0], chunk, stop, *form[1:], sides=sides)
