@@ -250,8 +250,10 @@ class ForwardBounds:
         if isinstance(s, fw.Tiled):
             if hasattr(lam, "region"):  # a window of the map: the tiles it overlaps only
                 return fw.contract(s, lam.lam, lam.top, lam.left, self.K)
-            # whole maps: one product with the dense coefficients beats a product per tile
-            s = self.states[name] = self._dense(s)
+            # the whole map, through the same position table: a position's products cover the
+            # input coordinates that reach it only (CNN7's Linear rows at its 4th conv: a
+            # quarter of the dense product's; x1.02-1.04 over densifying the windows)
+            return fw.contract(s, lam, 0, 0, self.K)
         mc, dc, m0, d0 = s.mc, s.dc, s.m0, s.d0
         if hasattr(lam, "region"):  # a Window: the coefficient maps' window only
             t, l = lam.top, lam.left
