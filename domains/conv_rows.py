@@ -42,6 +42,8 @@ def conv_row_form(engine, node: Optional[ir.Node], shape: tuple, stop: Optional[
         except RuntimeError as e:
             raise VerikitError(str(e)) from None
         C = shape[0]
+        if scale.numel() not in (1, C) or shift.numel() not in (1, C):  # not per channel: one-hot rows
+            return None
         scale, shift = scale.reshape(-1).expand(C), shift.reshape(-1).expand(C)
     if not isinstance(conv.op, ir.Conv2d) or conv.op.groups != 1 or conv.op.weight.dim() != 4:
         return None

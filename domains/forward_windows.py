@@ -244,7 +244,7 @@ def contract(s: Tiled, lam: Tensor, top: int, left: int, K: int) -> tuple[Tensor
     return const, coef
 
 
-def _position_table(s: Tiled) -> tuple[Tensor, Optional[Tensor], Tensor]:
+def _position_table(s: Tiled) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
     """The tiles' windows regrouped by position of the (H, W) map, built once per state:
     (mc (B, H*W, P, C), dc likewise or None, index (H*W, P), filled (H*W,)). Slot q at position
     p holds the coefficients over the C channels of input coordinate index[p, q]; P is the most
