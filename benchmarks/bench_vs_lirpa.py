@@ -495,13 +495,18 @@ def _ratio(a, b):
     return f"{a / b:5.2f}" if b > 1e-3 else "  -  "
 
 
+def _flop_ratio(r, k):
+    """GFLOP of runner k over verikit's in row r (None without both counts)."""
+    f, v = r["flops"].get(k), r["flops"].get("verikit")
+    return f / v if f is not None and v else None
+
+
 def _flops(r, k) -> str:
     """'N GFLOP' of runner k, with the ratio to verikit's for auto_LiRPA's ('' without a count)."""
-    f, v = r["flops"].get(k), r["flops"].get("verikit")
+    f, ratio = r["flops"].get(k), _flop_ratio(r, k)
     if f is None:
         return ""
-    ratio = f" (x{f / v:.2f})" if k != "verikit" and v else ""
-    return f"  {f:8.3f} GFLOP{ratio}"
+    return f"  {f:8.3f} GFLOP" + (f" (x{ratio:.2f})" if k != "verikit" and ratio is not None else "")
 
 
 def print_summary(rows):
@@ -517,9 +522,8 @@ def print_summary(rows):
             diff, verdict = r["cmp"][k]
             line += (f"  | {k}: {r['t'][k]:.4f} s {r['mem'][k]:.2f} GB x{r['t'][k] / r['t']['verikit']:.2f} "
                      f"mem x{_ratio(r['mem'][k], r['mem']['verikit']).strip()} {verdict} ({diff:.0e})")
-            f, v = r["flops"].get(k), r["flops"].get("verikit")
-            if f is not None and v:
-                line += f" flops x{f / v:.2f}"
+            if _flop_ratio(r, k) is not None:
+                line += f" flops x{_flop_ratio(r, k):.2f}"
         for k in r["errors"]:
             line += f"  | {k}: failed"
         print(line)

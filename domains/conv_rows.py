@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from verikit import ir
-from verikit.errors import VerikitError
 
 from .conv_windows import Window
+from .linear_rows import batchnorm_constants
 
 
 def conv_row_form(engine, node: Optional[ir.Node], shape: tuple, stop: Optional[str] = None) -> Optional[tuple]:
@@ -37,14 +37,11 @@ def conv_row_form(engine, node: Optional[ir.Node], shape: tuple, stop: Optional[
         conv = engine.graph.node(src)
         if not isinstance(conv.op, ir.Conv2d):
             return None
-        try:  # per-channel constants; batch statistics must have been recorded by a forward pass
-            scale, shift = node.op.scale_shift(engine.store[src].lo, engine.ctx, record=False)
-        except RuntimeError as e:
-            raise VerikitError(str(e)) from None
+        scale, shift = batchnorm_constants(engine, node)
         C = shape[0]
         if scale.numel() not in (1, C) or shift.numel() not in (1, C):  # not per channel: one-hot rows
             return None
-        scale, shift = scale.reshape(-1).expand(C), shift.reshape(-1).expand(C)
+        scale, shift = scale.expand(C), shift.expand(C)
     if not isinstance(conv.op, ir.Conv2d) or conv.op.groups != 1 or conv.op.weight.dim() != 4:
         return None
     return conv, scale, shift

@@ -214,8 +214,9 @@ def contract(s: Tiled, lam: Tensor, top: int, left: int, K: int) -> tuple[Tensor
     _, H, W = s.shape
     mag = lam.abs() if s.dc is not None or s.d0 is not None else None
     r0, r1, c0, c1 = max(top, 0), min(top + hh, H), max(left, 0), min(left + ww, W)
-    coef = lam.new_zeros(B, m, K)
-    if r0 < r1 and c0 < c1:
+    if r0 >= r1 or c0 >= c1:  # lam lies off the map: no coefficients on e
+        coef = lam.new_zeros(B, m, K)
+    else:
         mc, dc, index, filled = _position_table(s)
         local = (torch.arange(r0 - top, r1 - top, device=lam.device).reshape(-1, 1) * ww
                  + torch.arange(c0 - left, c1 - left, device=lam.device)).reshape(-1)

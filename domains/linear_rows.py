@@ -88,11 +88,18 @@ def row_form(engine, node, shape: tuple, stop=None):
     lin = engine.graph.node(src) if src != engine.graph.input_name else None
     if lin is None or not isinstance(lin.op, ir.Linear) or lin.op.weight.dim() != 2 or stop == lin.name:
         return None
-    try:  # per-channel constants; batch statistics must have been recorded by a forward pass
-        scale, shift = node.op.scale_shift(engine.store[src].lo, engine.ctx, record=False)
+    scale, shift = batchnorm_constants(engine, node)
+    return lin, scale, shift
+
+
+def batchnorm_constants(engine, node: ir.Node) -> tuple[Tensor, Tensor]:
+    """(scale, shift), flattened, of the BatchNorm `node` in the engine's context: its neuron i is
+    scale_i x_i + shift_i (per channel: one entry per channel, or one for all)."""
+    try:  # batch statistics must have been recorded by a forward pass
+        scale, shift = node.op.scale_shift(engine.store[node.inputs[0]].lo, engine.ctx, record=False)
     except RuntimeError as e:
         raise VerikitError(str(e)) from None
-    return lin, scale.reshape(-1), shift.reshape(-1)
+    return scale.reshape(-1), shift.reshape(-1)
 
 
 def linear_rows(engine, node: ir.Node, rows: Tensor, stop=None, scale=None, shift=None,
