@@ -188,6 +188,11 @@ def _train(ctx, dist, method, method_option, domain, sabr_lambda, dataset, eps, 
         trainer.fit(progress=not quiet)
         if main_rank:
             finish_run(trainer)
+        if dist is not None:
+            # Every rank waits for rank 0's export before any destroys the process group: a gloo
+            # rank that tore its group down while rank 0 was still working aborted at exit about
+            # one run in five ("terminate called without an active exception", SIGABRT).
+            dist.barrier()
     except KeyboardInterrupt as e:
         echo(_interrupted(e, trainer, out_dir, CHECKPOINT), err=True)
         sys.exit(exit_code(e))
