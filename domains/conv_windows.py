@@ -126,10 +126,35 @@ def _phase_transpose(lam: Tensor, kernel: Tensor, C_in: int, stride: tuple, padd
     Kh, Kw = kernel.shape[-2:]
     y = F.conv2d(lam, kernel, None, 1, (Kh - 1, Kw - 1))
     H, W = y.shape[-2:]
-    full = y.reshape(N, C_in, sh, sw, H, W).permute(0, 1, 4, 2, 5, 3).reshape(N, C_in, H * sh, W * sw)
-    # the transposed convolution's output is full[p : p + out] (zeros past its end)
-    ph, pw = padding
-    return F.pad(full, (-pw, out_hw[1] + pw - W * sw, -ph, out_hw[0] + ph - H * sh))
+    y = y.view(N, C_in, sh, sw, H, W)
+    # the transposed convolution's output is the interleaved phases from row ph, column pw on
+    # (zeros past their end). Small outputs: each phase is copied straight into its rows and
+    # columns of the output, interleaving and cropping in one pass (0.45 -> 0.26 ms for 200
+    # rows 8 -> 3 channels onto 32 x 32); large ones: one permuted copy and a cropping pad,
+    # whose contiguous writes ran faster there (oval21-style CNN at batch 32: x0.93 otherwise)
+    (ph, pw), (oh, ow) = padding, out_hw
+    if N * C_in * oh * ow > STRIDED_INTERLEAVE:
+        full = y.permute(0, 1, 4, 2, 5, 3).reshape(N, C_in, H * sh, W * sw)
+        return F.pad(full, (-pw, ow + pw - W * sw, -ph, oh + ph - H * sh))
+    out = torch.empty((N, C_in, oh, ow), dtype=y.dtype, device=y.device)
+    for i in range(min(sh, oh)):  # output rows i, i + sh, ...: phase (ph + i) % sh from its row (ph + i) // sh
+        p, a0 = (ph + i) % sh, (ph + i) // sh
+        rows = out[:, :, i::sh]
+        n = max(0, min(rows.shape[2], H - a0))
+        for j in range(min(sw, ow)):
+            q, b0 = (pw + j) % sw, (pw + j) // sw
+            cell = rows[:, :, :, j::sw]
+            m = max(0, min(cell.shape[3], W - b0))
+            cell[:, :, :n, :m] = y[:, :, p, q, a0:a0 + n, b0:b0 + m]
+            if n < cell.shape[2]:
+                cell[:, :, n:] = 0
+            if m < cell.shape[3]:
+                cell[:, :, :n, m:] = 0
+    return out
+
+
+# the largest output (elements) of a phase transpose interleaved by strided copies
+STRIDED_INTERLEAVE = 1 << 21
 
 
 @dataclass

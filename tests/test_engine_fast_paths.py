@@ -366,12 +366,17 @@ def test_phase_transpose_is_the_transposed_convolution(c_in, c_out, stride, pad,
     assert not _phases_pay(weight, (1, 1), (1, 1), 1) and not _phases_pay(weight, stride, (2, 2), 1)
 
 
-def test_phase_transpose_on_random_geometries():
+@pytest.mark.parametrize("strided", [True, False])
+def test_phase_transpose_on_random_geometries(strided, monkeypatch):
     """The phase form against torch's conv_transpose2d over random strides, paddings, kernels
-    (multiples of the stride), maps and output paddings: every output row and column."""
+    (multiples of the stride), maps and output paddings: every output row and column, with the
+    phases interleaved by strided copies (small outputs) and by a permuted copy (large ones)."""
     import torch.nn.functional as F
 
+    from verikit.domains import conv_windows
     from verikit.domains.conv_windows import _phase_transpose, phase_kernel
+
+    monkeypatch.setattr(conv_windows, "STRIDED_INTERLEAVE", 1 << 30 if strided else 0)
 
     gen = torch.Generator().manual_seed(77)
     ri = lambda a, b: int(torch.randint(a, b + 1, (1,), generator=gen))
