@@ -19,6 +19,7 @@ from verikit import ir
 from verikit.bounds import Box
 
 from .box import propagate_box
+from .conv_patches import bound_patches, patch_chain
 from .conv_rows import conv_row_form, kernel_rows
 from .conv_windows import Window
 from .forward_bounds import ForwardBounds
@@ -98,13 +99,20 @@ class RowRefinement:
         if not self._windowed(shape):
             return list(rows.split(per_chunk))
         C, H, W = shape
-        side = max(1, min(TILE_SIDE, int(math.sqrt(per_chunk / C))))
+        side = self._tile_side(shape, None, per_chunk)
         h, w = (rows // W) % H, rows % W
         tile = (h // side) * ((W + side - 1) // side) + (w // side)
         order = torch.argsort(tile, stable=True)
         rows, tile = rows[order], tile[order]
         _, counts = torch.unique_consecutive(tile, return_counts=True)
         return [piece for group in rows.split(counts.tolist()) for piece in group.split(per_chunk)]
+
+    def _tile_side(self, shape: tuple, sides: Optional[int], per_chunk: Optional[int] = None) -> int:
+        """Positions per side of a tile of windowed rows of a (C, H, W) node, for chunks of
+        `per_chunk` rows per sample (None: those of `bound_rows` with `sides` signs)."""
+        if per_chunk is None:
+            per_chunk = max(1, min(self.max_rows, WINDOW_ROWS) // (sides * self.batch))
+        return max(1, min(TILE_SIDE, int(math.sqrt(per_chunk / shape[0]))))
 
     def _windowed(self, shape: tuple) -> bool:
         """Are rows of a node of this shape bounded as spatial windows (a (C, H, W) node)?"""
@@ -151,7 +159,15 @@ class RowRefinement:
             if rows.numel() == 0:
                 self.nodes_refined += 1
                 return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
-        if own is not None:  # each sample's own unstable neurons
+        shape = tuple(self.graph.shapes[name])
+        # patches where a tile would hold more than one position: with one position per tile
+        # (larger batches), a tile's window is its rows' own field already, and the tiles ran
+        # as fast or faster (avg-pool CNN at batch 32: patches x0.78-0.90)
+        chain = patch_chain(self, name) if (stop is None and need is not None and self._windowed(shape)
+                                            and self._tile_side(shape, 2) > 1) else None
+        if chain is not None:  # every row on its own receptive field (conv_patches.py)
+            self._tighten_patches(name, chain, rows, lo, hi, need, upper_first)
+        elif own is not None:  # each sample's own unstable neurons
             tighten(lo, hi, *own, *bound_rows_per_sample(self, name, own[0]))
         else:
             self._tighten_rows(name, rows, lo, hi, None, upper_first)
@@ -172,6 +188,34 @@ class RowRefinement:
             return
         self._tighten_side(name, rows, hi, -1, stop)
         self._tighten_side(name, rows, lo, 1, stop, alive=hi[:, rows] > 0)
+
+    def _tighten_patches(self, name: str, chain: list, rows: Tensor, lo: Tensor, hi: Tensor, need: Tensor,
+                         upper_first: bool) -> None:
+        """`_tighten_rows` (or, with `per_sample_rows`, each sample's own unstable neurons) with
+        every row bounded as a patch: the same rows and bounds, the same upper-first order."""
+        B = self.batch
+        if self.per_sample_rows:
+            b, neurons = need.nonzero(as_tuple=True)
+        else:
+            b = torch.arange(B, device=self.device).repeat_interleave(rows.numel())
+            neurons = rows.repeat(B)
+        if not upper_first:
+            new_lo, minus_hi = bound_patches(self, name, chain, b, neurons, (1, -1))
+            lo[b, neurons] = torch.maximum(lo[b, neurons], new_lo)
+            hi[b, neurons] = torch.minimum(hi[b, neurons], -minus_hi)
+            return
+        (minus_hi,) = bound_patches(self, name, chain, b, neurons, (-1,))
+        hi[b, neurons] = torch.minimum(hi[b, neurons], -minus_hi)
+        alive = hi[b, neurons] > 0  # a ReLU is 0 where hi <= 0 whatever the lower bound
+        if not self.per_sample_rows:  # as the tiles: a neuron alive in some sample, in every sample
+            keep = rows[(hi[:, rows] > 0).any(0)]
+            b = torch.arange(B, device=self.device).repeat_interleave(keep.numel())
+            neurons = keep.repeat(B)
+        else:
+            b, neurons = b[alive], neurons[alive]
+        if b.numel():
+            (new_lo,) = bound_patches(self, name, chain, b, neurons, (1,))
+            lo[b, neurons] = torch.maximum(lo[b, neurons], new_lo)
 
     def _tighten_side(self, name: str, rows: Tensor, bound: Tensor, sign: int, stop: Optional[str],
                       alive: Optional[Tensor] = None) -> None:

@@ -153,13 +153,18 @@ def test_fast_paths_equal_general_rules(name, batch, variant):
     assert_same(*engines(graph, _box(shape, batch, 3), variant))
 
 
-@pytest.mark.parametrize("windows", [True, False])
+@pytest.mark.parametrize("windows", ["patches", "tiles", "dense"])
 @pytest.mark.parametrize("name", ["conv-pool-1ch", "conv-pool-3ch", "conv-pool-8ch", "conv-mix"])
-def test_conv_rules_equal_general_rules(name, windows):
+def test_conv_rules_equal_general_rules(name, windows, monkeypatch):
     """Transposed convolutions without vmap (fold for few channels), average pooling spread
-    over its windows: the general rules' bounds, with and without spatial windows."""
+    over its windows: the general rules' bounds, with spatial windows (each row on its own
+    field where it may, conv_patches.py, or tiles of rows only) and without."""
+    from verikit.domains import row_refinement
+
+    if windows == "tiles":
+        monkeypatch.setattr(row_refinement, "patch_chain", lambda *a, **k: None)
     graph, shape = GRAPHS[name]
-    assert_same(*engines(graph, _box(shape, 3, 12, width=0.6), spatial_windows=windows))
+    assert_same(*engines(graph, _box(shape, 3, 12, width=0.6), spatial_windows=windows != "dense"))
 
 
 @pytest.mark.parametrize("mode", ["per-sample", "shared"])
