@@ -229,3 +229,22 @@ def test_lower_lines_with_an_intercept_take_the_same_constant(seed, monkeypatch)
     for name, (lo, hi) in tiles.items():
         torch.testing.assert_close(with_patches[name][0], lo, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(with_patches[name][1], hi, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 9, 14])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_many_small_chunks_give_the_same_bounds(seed, per_sample, monkeypatch):
+    """A tiny chunk budget splits the groups into many chunks of different sizes (the fullest
+    first, one group per chunk at the least): the same bounds as one chunk."""
+    graph = _random_chain(seed)
+    box = bg.input_box(torch.Generator().manual_seed(500 + seed), graph.input_shape, batch=3, width=0.5)
+    one, calls = _crown_store(graph, box, True, monkeypatch, per_sample_rows=per_sample)
+    assert calls
+    monkeypatch.setattr(conv_patches, "PATCH_ELEMENTS", 1)
+    many, _ = _crown_store(graph, box, True, monkeypatch, per_sample_rows=per_sample)
+    monkeypatch.setattr(conv_patches, "PATCH_ELEMENTS", 3000)
+    some, _ = _crown_store(graph, box, True, monkeypatch, per_sample_rows=per_sample)
+    for name, (lo, hi) in one.items():
+        for other in (many, some):
+            torch.testing.assert_close(other[name][0], lo, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(other[name][1], hi, rtol=1e-12, atol=1e-12)
