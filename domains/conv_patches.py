@@ -9,13 +9,13 @@ so a whole layer of rows is one tensor op per step: a transposed convolution of 
 patches, element-wise relaxation lines gathered at each row's field, and at the input the
 centre and radius gathered the same way.
 
-The engine takes patches where a tile would hold more than one position (small batches: the
-tile's rows per sample shrink with the batch); with one position per tile, a tile's window is
-its rows' own field already and the tiles ran as fast or faster (avg-pool CNN at batch 32:
-patches x0.78-0.90). CROWN, 2 threads, patches against tiles, the same bounds (interleaved runs,
-medians of 9, two rounds): oval21-style CNN batch 1 x1.13-1.22, 2 x1.14-1.37, 4 x1.47-1.63,
-8 x1.20; avg-pool CNN batch 1 x1.21-1.39, 2 x1.36-1.53, 4 x1.23-1.33 (the dense rows of the
-Linear layers after the convolutions are unchanged).
+CROWN, 2 threads, patches against tiles, the same bounds (interleaved runs, medians of 5-9):
+oval21-style CNN batch 1 x1.13-1.22, 2 x1.14-1.37, 4 x1.47-1.63, 16 x1.15, 32 x1.07-1.23;
+avg-pool CNN batch 1 x1.21-1.39, 2 x1.36-1.53, 4 x1.23-1.33, 16 x1.26, 32 x1.01-1.04 (the dense
+rows of the Linear layers after the convolutions are unchanged). At batch 32 a tile holds one
+position (its window is its rows' own field already); the patches win there only because a
+chunk carries many positions at once, with each map's fields cut out once per call and
+chunks small enough for the caches (with 4x larger chunks the avg-pool CNN ran x0.68).
 
 The chain from the refined node to the input must be ops of one input each that keep
 coefficients per position: ungrouped Conv2d, non-overlapping AvgPool2d, per-channel
@@ -42,8 +42,9 @@ from .linear_rows import batchnorm_constants
 from .relaxations import LinearRelaxation
 
 # rows x elements of the largest patch per chunk (rows of both sides counted): a few tensors
-# of this size are alive at once (32 MB each in float32)
-PATCH_ELEMENTS = 1 << 23
+# of this size are alive at once (8 MB each in float32; 2^23 ran x0.68 on the avg-pool CNN at
+# batch 32, 2^19 and 2^20 within the noise of this)
+PATCH_ELEMENTS = 1 << 21
 # a patch's transposed convolution as a matrix product: at most this many entries, and at
 # most this many times the products of the convolution itself (2 threads: 8 -> 3 channels,
 # 4x4 patches, 374 rows, 6.3x the products: 0.31 -> 0.17 ms; 16 -> 1 channels, 6x6 patches,
@@ -151,26 +152,32 @@ class _Fields:
     `F.unfold` cuts them out once per sample and position, the rows then take theirs by index
     (cheaper than indexing every element: oval21-style CNN at batch 32, ~4x)."""
 
-    def __init__(self, b: Tensor, i: Tensor, j: Tensor, top_hw: tuple):
+    def __init__(self, b: Tensor, i: Tensor, j: Tensor, top_hw: tuple, tables: Optional[dict] = None):
         self.b, self.i, self.j, self.top_hw = b, i, j, top_hw
         self.stride, self.offset = (1, 1), (0, 0)
+        # cut-out fields by (name, patch, stride, offset), shared by the chunks of one bound_patches
+        # call: every chunk reads the same maps (without it, each chunk unfolded whole maps again)
+        self.tables = {} if tables is None else tables
 
     def through(self, stride: tuple, padding: tuple) -> None:
         """The fields one op further down (an op of this stride and padding)."""
         self.offset = tuple(o * s + p for o, s, p in zip(self.offset, stride, padding))
         self.stride = tuple(a * s for a, s in zip(self.stride, stride))
 
-    def gather(self, t: Tensor, patch: tuple) -> Tensor:
-        """t (B or 1, C, H, W) on each row's field: (R, C, ph, pw), 0 outside the map."""
+    def gather(self, t: Tensor, patch: tuple, name: str) -> Tensor:
+        """t (B or 1, C, H, W), the map called `name`, on each row's field: (R, C, ph, pw), 0
+        outside the map."""
         B, C, H, W = t.shape
-        (sh, sw), (oh, ow), (ph, pw) = self.stride, self.offset, patch
-        Ht, Wt = self.top_hw
-        bottom = max(0, (Ht - 1) * sh - oh + ph - H)
-        right = max(0, (Wt - 1) * sw - ow + pw - W)
-        u = F.unfold(F.pad(t, (ow, right, oh, bottom)), patch, stride=self.stride)  # (B, C ph pw, Lh Lw)
-        Lw = (W + ow + right - pw) // sw + 1
-        L = u.shape[-1]
-        table = u.transpose(1, 2).reshape(B * L, C * ph * pw)
+        (sh, sw), (oh, ow), (ph, pw) = self.stride, self.offset, tuple(patch)
+        key = (name, (ph, pw), self.stride, self.offset)
+        if key not in self.tables:
+            Ht, Wt = self.top_hw
+            bottom = max(0, (Ht - 1) * sh - oh + ph - H)
+            right = max(0, (Wt - 1) * sw - ow + pw - W)
+            u = F.unfold(F.pad(t, (ow, right, oh, bottom)), (ph, pw), stride=self.stride)  # (B, C ph pw, Lh Lw)
+            Lw = (W + ow + right - pw) // sw + 1
+            self.tables[key] = (u.transpose(1, 2).reshape(B * u.shape[-1], C * ph * pw), Lw, u.shape[-1])
+        table, Lw, L = self.tables[key]
         at = self.i * Lw + self.j
         if B > 1:
             at = at + self.b * L
@@ -178,7 +185,8 @@ class _Fields:
 
     def inside(self, patch: tuple, hw: tuple, dtype) -> Tensor:
         """(R, 1, ph, pw): 1 where a row's field lies on the (H, W) map, 0 in the padding."""
-        return self.gather(torch.ones((1, 1) + tuple(hw), device=self.i.device, dtype=dtype), patch)
+        ones = torch.ones((1, 1) + tuple(hw), device=self.i.device, dtype=dtype)
+        return self.gather(ones, patch, f"inside {tuple(hw)}")
 
 
 def _dot(lam: Tensor, t: Tensor) -> Tensor:
@@ -203,43 +211,41 @@ def bound_patches(engine, name: str, steps: list, b: Tensor, neurons: Tensor, si
     key, chan = key[order], (neurons // HW)[order]
     groups, counts = torch.unique_consecutive(key, return_counts=True)
     G, R = groups.numel(), key.numel()
-    group = torch.repeat_interleave(torch.arange(G, device=key.device), counts)
-    slot = torch.arange(R, device=key.device) - (torch.cumsum(counts, 0) - counts)[group]
+    start = torch.cumsum(counts, 0) - counts  # group g's rows: start[g] ... start[g] + counts[g] - 1
     largest = max(math.prod(s.patch) * s.in_shape[0] for s in steps)
     by_size = torch.argsort(counts, descending=True, stable=True)
     sizes = counts[by_size].tolist()
     out = [torch.empty(R, device=engine.device, dtype=engine.dtype) for _ in sides]
-    local = torch.full((G,), -1, device=key.device, dtype=torch.long)
+    tables = {}
     at = 0
     while at < G:
-        per_row = len(sides) * largest
-        n = max(1, min(G - at, PATCH_ELEMENTS // (per_row * sizes[at])))
+        k = sizes[at]  # the chunk's fullest group
+        n = max(1, min(G - at, PATCH_ELEMENTS // (len(sides) * largest * k)))
         picked = by_size[at:at + n]
-        k = sizes[at]
-        local[picked] = torch.arange(n, device=key.device)
-        mine = (local[group] >= 0).nonzero().flatten()
-        table = torch.zeros(n, k, device=key.device, dtype=torch.long)
-        table[:, :] = chan[mine[0]] if mine.numel() else 0  # padding: some real channel, dropped after
-        table[local[group[mine]], slot[mine]] = chan[mine]
+        cnt = counts[picked]
+        local = torch.repeat_interleave(torch.arange(n, device=key.device), cnt)  # each row's group in the chunk
+        slot = torch.arange(int(cnt.sum()), device=key.device) - (torch.cumsum(cnt, 0) - cnt)[local]
+        mine = start[picked][local] + slot  # the chunk's rows, in sorted order
+        table = torch.full((n, k), int(chan[mine[0]]), device=key.device, dtype=torch.long)  # padding: a real channel
+        table[local, slot] = chan[mine]
         g = groups[picked]
-        lb = _bound_groups(engine, name, steps, g // HW, (g % HW) // W, g % W, table, sides)  # (n, S, k)
+        lb = _bound_groups(engine, name, steps, g // HW, (g % HW) // W, g % W, table, sides, tables)  # (n, S, k)
         for j in range(len(sides)):
-            out[j][order[mine]] = lb[local[group[mine]], j, slot[mine]]
+            out[j][order[mine]] = lb[local, j, slot]
         engine.rows_bounded += len(sides) * mine.numel()
-        local[picked] = -1
         at += n
     return out
 
 
 def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tensor, chan: Tensor,
-                  sides: tuple) -> Tensor:
+                  sides: tuple, tables: dict) -> Tensor:
     """Lower bounds (G, S, k) of the rows sign * e_(chan[g, r], i[g], j[g]) of node `name` in
-    sample b[g], for each sign of `sides` (S of them)."""
+    sample b[g], for each sign of `sides` (S of them); `tables`: the call's cut-out fields."""
     C, H, W = engine.graph.shapes[name]
     (G, k), S = chan.shape, len(sides)
     m = S * k
     device, dtype = engine.device, engine.dtype
-    fields = _Fields(b, i, j, (H, W))
+    fields = _Fields(b, i, j, (H, W), tables)
     signs = torch.tensor([float(s) for s in sides], device=device, dtype=dtype)
     coef = signs.view(1, S, 1).expand(G, S, k).reshape(G, m)  # one-hot rows: coef * e_chan (1 x 1)
     chan = chan.repeat(1, S)  # (G, m)
@@ -268,14 +274,14 @@ def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tenso
             shape = (engine.batch,) + tuple(engine.graph.shapes[node.name])
             lower_bias = engine._has_lower_bias(node)
             own = lambda t: t if t.dim() == 4 and t.shape[0] == 1 else t.expand(shape)  # (1, ...): one for all
-            at = lambda t: fields.gather(own(t), lam.shape[-2:]).unsqueeze(1)
+            at = lambda t, what: fields.gather(own(t), lam.shape[-2:], f"{node.name} {what}").unsqueeze(1)
             lam = grouped(lam)
             neg = lam.clamp(max=0)
             pos = lam - neg
-            const = const + _dot(neg, at(rel.upper_bias))
+            const = const + _dot(neg, at(rel.upper_bias, "upper bias"))
             if lower_bias:
-                const = const + _dot(pos, at(rel.lower_bias))
-            lam = (pos * at(rel.lower_slope) + neg * at(rel.upper_slope)).flatten(0, 1)
+                const = const + _dot(pos, at(rel.lower_bias, "lower bias"))
+            lam = (pos * at(rel.lower_slope, "lower slope") + neg * at(rel.upper_slope, "upper slope")).flatten(0, 1)
             clean = True
         elif step.kind == "conv":
             w, bias = op.weight, op.bias
@@ -303,7 +309,8 @@ def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tenso
     box = engine.store[engine.graph.input_name]  # every chain has a convolution: lam is a patch here
     patch = lam.shape[-2:]
     lam = grouped(lam)
-    lb = const + _dot(lam, fields.gather(box.center, patch)) - _dot(lam.abs(), fields.gather(box.radius, patch))
+    lb = const + _dot(lam, fields.gather(box.center, patch, "centre")) - \
+        _dot(lam.abs(), fields.gather(box.radius, patch, "radius"))
     return lb.view(G, S, k)
 
 

@@ -159,12 +159,8 @@ class RowRefinement:
             if rows.numel() == 0:
                 self.nodes_refined += 1
                 return self.store.update(name, Box(lo.reshape(box.lo.shape), hi.reshape(box.hi.shape)))
-        shape = tuple(self.graph.shapes[name])
-        # patches where a tile would hold more than one position: with one position per tile
-        # (larger batches), a tile's window is its rows' own field already, and the tiles ran
-        # as fast or faster (avg-pool CNN at batch 32: patches x0.78-0.90)
-        chain = patch_chain(self, name) if (stop is None and need is not None and self._windowed(shape)
-                                            and self._tile_side(shape, 2) > 1) else None
+        chain = patch_chain(self, name) if (stop is None and need is not None
+                                            and self._windowed(tuple(self.graph.shapes[name]))) else None
         if chain is not None:  # every row on its own receptive field (conv_patches.py)
             self._tighten_patches(name, chain, rows, lo, hi, need, upper_first)
         elif own is not None:  # each sample's own unstable neurons

@@ -4,7 +4,6 @@ paddings, dilations, odd maps, a pooling that leaves rows out, convolutions back
 sample's own rows equal to that sample alone, sound on samples, and used only where it may be."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -145,7 +144,7 @@ def test_gathered_fields_and_the_transpose_matrix():
     b, i, j = torch.tensor([0, 2, 1, 2]), torch.tensor([0, 3, 1, 2]), torch.tensor([2, 0, 1, 3])
     fields = conv_patches._Fields(b, i, j, (4, 4))
     fields.through((2, 1), (1, 2))
-    got = fields.gather(t, (4, 3))
+    got = fields.gather(t, (4, 3), "t")
     for r in range(4):
         for u in range(4):
             for v in range(3):
@@ -189,17 +188,20 @@ def test_no_patches_where_the_chain_or_the_engine_rules_them_out():
     assert conv_patches.patch_chain(engine, "fc") is None
 
 
-def test_large_batches_keep_the_tiles(monkeypatch):
-    """With one position per tile a tile is already its rows' field: no patches there."""
+def test_large_batches_take_patches_too(monkeypatch):
+    """At a batch where a tile holds one position the rows still go through patches (with
+    the same bounds as the tiles)."""
     graph = _random_chain(1)
-    box = bg.input_box(torch.Generator().manual_seed(2), graph.input_shape, batch=1)
-    big = type(box)(box.lo.expand(300, *box.lo.shape[1:]).clone(), box.hi.expand(300, *box.hi.shape[1:]).clone())
-    _, calls = _crown_store(graph, big, True, monkeypatch)
+    box = bg.input_box(torch.Generator().manual_seed(2), graph.input_shape, batch=200, width=0.5)
+    with_patches, calls = _crown_store(graph, box, True, monkeypatch)
+    tiles, _ = _crown_store(graph, box, False, monkeypatch)
     with torch.no_grad():
-        engine = lb.LinearBoundEngine(graph, propagate_box(graph, big))
-    sides = [engine._tile_side(tuple(graph.shapes[n.name]), 2) for n in graph.nodes if len(graph.shapes[n.name]) == 3]
-    assert not calls and max(sides) == 1
-    assert math.isfinite(float(big.lo.sum()))
+        engine = lb.LinearBoundEngine(graph, propagate_box(graph, box))
+    sides = [engine._tile_side(tuple(graph.shapes[n]), 2) for n in calls]
+    assert calls and max(sides) == 1
+    for name, (lo, hi) in tiles.items():
+        torch.testing.assert_close(with_patches[name][0], lo, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(with_patches[name][1], hi, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("seed", [0, 3])
