@@ -45,6 +45,9 @@ from .relaxations import LinearRelaxation
 # of this size are alive at once (8 MB each in float32; 2^23 ran x0.68 on the avg-pool CNN at
 # batch 32, 2^19 and 2^20 within the noise of this)
 PATCH_ELEMENTS = 1 << 21
+# the largest cut-out of a map's fields at every position (samples x channels x patch x
+# positions) that is formed and kept for a call; larger maps are indexed chunk by chunk
+TABLE_ELEMENTS = 1 << 25
 # a patch's transposed convolution as a matrix product: at most this many entries, and at
 # most this many times the products of the convolution itself (2 threads: 8 -> 3 channels,
 # 4x4 patches, 374 rows, 6.3x the products: 0.31 -> 0.17 ms; 16 -> 1 channels, 6x6 patches,
@@ -169,9 +172,11 @@ class _Fields:
         outside the map."""
         B, C, H, W = t.shape
         (sh, sw), (oh, ow), (ph, pw) = self.stride, self.offset, tuple(patch)
+        Ht, Wt = self.top_hw
+        if B * C * ph * pw * Ht * Wt > TABLE_ELEMENTS:  # the map's fields at every position would be too large
+            return self._direct(t, (ph, pw))
         key = (name, (ph, pw), self.stride, self.offset)
         if key not in self.tables:
-            Ht, Wt = self.top_hw
             bottom = max(0, (Ht - 1) * sh - oh + ph - H)
             right = max(0, (Wt - 1) * sw - ow + pw - W)
             u = F.unfold(F.pad(t, (ow, right, oh, bottom)), (ph, pw), stride=self.stride)  # (B, C ph pw, Lh Lw)
@@ -182,6 +187,21 @@ class _Fields:
         if B > 1:
             at = at + self.b * L
         return table.index_select(0, at).view(-1, C, ph, pw)
+
+    def _direct(self, t: Tensor, patch: tuple) -> Tensor:
+        """`gather` by indexing each element of the groups' fields: memory in proportion to the
+        chunk, not to the map's fields at every position."""
+        B, C, H, W = t.shape
+        (sh, sw), (oh, ow), (ph, pw) = self.stride, self.offset, patch
+        top, left = self.i * sh - oh, self.j * sw - ow
+        pt, pl = max(0, -int(top.min())), max(0, -int(left.min()))
+        pb, pr = max(0, int(top.max()) + ph - H), max(0, int(left.max()) + pw - W)
+        t = F.pad(t, (pl, pr, pt, pb))
+        ar = lambda n: torch.arange(n, device=t.device)
+        rows = (top + pt).view(-1, 1, 1, 1) + ar(ph).view(1, 1, -1, 1)
+        cols = (left + pl).view(-1, 1, 1, 1) + ar(pw).view(1, 1, 1, -1)
+        b = self.b.view(-1, 1, 1, 1) if B > 1 else torch.zeros_like(self.b).view(-1, 1, 1, 1)
+        return t[b, ar(C).view(1, -1, 1, 1), rows, cols]
 
     def inside(self, patch: tuple, hw: tuple, dtype) -> Tensor:
         """(R, 1, ph, pw): 1 where a row's field lies on the (H, W) map, 0 in the padding."""

@@ -250,3 +250,18 @@ def test_many_small_chunks_give_the_same_bounds(seed, per_sample, monkeypatch):
         for other in (many, some):
             torch.testing.assert_close(other[name][0], lo, rtol=1e-12, atol=1e-12)
             torch.testing.assert_close(other[name][1], hi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 3, 9])
+def test_fields_indexed_chunk_by_chunk_give_the_same_bounds(seed, monkeypatch):
+    """Maps whose cut-out at every position would be too large are indexed per chunk instead
+    (memory in proportion to the chunk): the same bounds."""
+    graph = _random_chain(seed)
+    box = bg.input_box(torch.Generator().manual_seed(600 + seed), graph.input_shape, batch=3, width=0.5)
+    cut, calls = _crown_store(graph, box, True, monkeypatch)
+    assert calls
+    monkeypatch.setattr(conv_patches, "TABLE_ELEMENTS", 0)
+    indexed, _ = _crown_store(graph, box, True, monkeypatch)
+    for name, (lo, hi) in cut.items():
+        torch.testing.assert_close(indexed[name][0], lo, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(indexed[name][1], hi, rtol=1e-12, atol=1e-12)
