@@ -67,6 +67,8 @@ class _Step:
     patch: tuple = (1, 1)  # a row's field on the op's input, in positions
     in_shape: tuple = ()
     exact_tiling: bool = True  # a pooling whose windows cover its input map (floor drops nothing)
+    scale: Optional[Tensor] = None  # a BatchNorm's per-channel constants (C,), read once per chain
+    shift: Optional[Tensor] = None
     matrix: Optional[Tensor] = None  # the transposed convolution of a patch as a matrix, where it pays
 
     def kernels(self) -> Tensor:
@@ -137,7 +139,8 @@ def _chain(engine, name: str) -> Optional[list]:
             scale, shift = batchnorm_constants(engine, node)
             if scale.numel() not in (1, shape[0]) or shift.numel() not in (1, shape[0]):
                 return None
-            steps.append(_Step(node, "bn", patch=patch, in_shape=in_shape))
+            steps.append(_Step(node, "bn", patch=patch, in_shape=in_shape, scale=scale.expand(shape[0]),
+                               shift=shift.expand(shape[0])))
         elif type(op) in _ACTIVATIONS:
             if not any(s.kind in ("conv", "pool") for s in steps):
                 return None  # a ReLU on one-hot rows (BatchNorm -> ReLU -> BatchNorm): the tiles' case
@@ -281,8 +284,7 @@ def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tenso
             lam = (grouped(lam) * mask.unsqueeze(1)).flatten(0, 1)
             clean = True
         if step.kind == "bn":
-            scale, shift = batchnorm_constants(engine, node)
-            scale, shift = scale.expand(C_of(engine, node)), shift.expand(C_of(engine, node))
+            scale, shift = step.scale, step.shift
             if lam is None:
                 const = const + coef * shift[chan]
                 coef = coef * scale[chan]
@@ -321,7 +323,7 @@ def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tenso
             clean = False
         else:  # pool
             if lam is None:
-                lam = torch.zeros(G * m, C_of(engine, node), 1, 1, device=device, dtype=dtype)
+                lam = torch.zeros(G * m, step.in_shape[0], 1, 1, device=device, dtype=dtype)  # a pooling keeps channels
                 lam[torch.arange(G * m, device=device), chan.flatten(), 0, 0] = coef.flatten()
             lam = _spread(lam, step.stride)
             fields.through(step.stride, (0, 0))
@@ -333,7 +335,3 @@ def _bound_groups(engine, name: str, steps: list, b: Tensor, i: Tensor, j: Tenso
         _dot(lam.abs(), fields.gather(box.radius, patch, "radius"))
     return lb.view(G, S, k)
 
-
-def C_of(engine, node: ir.Node) -> int:
-    """The channels of `node`'s output."""
-    return engine.graph.shapes[node.name][0]

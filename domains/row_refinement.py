@@ -99,7 +99,7 @@ class RowRefinement:
         if not self._windowed(shape):
             return list(rows.split(per_chunk))
         C, H, W = shape
-        side = self._tile_side(shape, None, per_chunk)
+        side = self._tile_side(shape, per_chunk)
         h, w = (rows // W) % H, rows % W
         tile = (h // side) * ((W + side - 1) // side) + (w // side)
         order = torch.argsort(tile, stable=True)
@@ -107,11 +107,10 @@ class RowRefinement:
         _, counts = torch.unique_consecutive(tile, return_counts=True)
         return [piece for group in rows.split(counts.tolist()) for piece in group.split(per_chunk)]
 
-    def _tile_side(self, shape: tuple, sides: Optional[int], per_chunk: Optional[int] = None) -> int:
+    @staticmethod
+    def _tile_side(shape: tuple, per_chunk: int) -> int:
         """Positions per side of a tile of windowed rows of a (C, H, W) node, for chunks of
-        `per_chunk` rows per sample (None: those of `bound_rows` with `sides` signs)."""
-        if per_chunk is None:
-            per_chunk = max(1, min(self.max_rows, WINDOW_ROWS) // (sides * self.batch))
+        `per_chunk` rows per sample."""
         return max(1, min(TILE_SIDE, int(math.sqrt(per_chunk / shape[0]))))
 
     def _windowed(self, shape: tuple) -> bool:
@@ -190,11 +189,8 @@ class RowRefinement:
         """`_tighten_rows` (or, with `per_sample_rows`, each sample's own unstable neurons) with
         every row bounded as a patch: the same rows and bounds, the same upper-first order."""
         B = self.batch
-        if self.per_sample_rows:
-            b, neurons = need.nonzero(as_tuple=True)
-        else:
-            b = torch.arange(B, device=self.device).repeat_interleave(rows.numel())
-            neurons = rows.repeat(B)
+        every_sample = lambda r: (torch.arange(B, device=self.device).repeat_interleave(r.numel()), r.repeat(B))
+        b, neurons = need.nonzero(as_tuple=True) if self.per_sample_rows else every_sample(rows)
         if not upper_first:
             new_lo, minus_hi = bound_patches(self, name, chain, b, neurons, (1, -1))
             lo[b, neurons] = torch.maximum(lo[b, neurons], new_lo)
@@ -202,13 +198,13 @@ class RowRefinement:
             return
         (minus_hi,) = bound_patches(self, name, chain, b, neurons, (-1,))
         hi[b, neurons] = torch.minimum(hi[b, neurons], -minus_hi)
-        alive = hi[b, neurons] > 0  # a ReLU is 0 where hi <= 0 whatever the lower bound
-        if not self.per_sample_rows:  # as the tiles: a neuron alive in some sample, in every sample
-            keep = rows[(hi[:, rows] > 0).any(0)]
-            b = torch.arange(B, device=self.device).repeat_interleave(keep.numel())
-            neurons = keep.repeat(B)
-        else:
+        # lower bounds only where hi > 0 (a ReLU is 0 elsewhere whatever the lower bound); as
+        # the tiles, a neuron alive in some sample gets them in every sample
+        if self.per_sample_rows:
+            alive = hi[b, neurons] > 0
             b, neurons = b[alive], neurons[alive]
+        else:
+            b, neurons = every_sample(rows[(hi[:, rows] > 0).any(0)])
         if b.numel():
             (new_lo,) = bound_patches(self, name, chain, b, neurons, (1,))
             lo[b, neurons] = torch.maximum(lo[b, neurons], new_lo)

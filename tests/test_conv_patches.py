@@ -197,7 +197,8 @@ def test_large_batches_take_patches_too(monkeypatch):
     tiles, _ = _crown_store(graph, box, False, monkeypatch)
     with torch.no_grad():
         engine = lb.LinearBoundEngine(graph, propagate_box(graph, box))
-    sides = [engine._tile_side(tuple(graph.shapes[n]), 2) for n in calls]
+    per_chunk = max(1, min(engine.max_rows, row_refinement.WINDOW_ROWS) // (2 * engine.batch))  # bound_rows'
+    sides = [engine._tile_side(tuple(graph.shapes[n]), per_chunk) for n in calls]
     assert calls and max(sides) == 1
     for name, (lo, hi) in tiles.items():
         torch.testing.assert_close(with_patches[name][0], lo, rtol=1e-9, atol=1e-9)
