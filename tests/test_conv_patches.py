@@ -266,3 +266,31 @@ def test_fields_indexed_chunk_by_chunk_give_the_same_bounds(seed, monkeypatch):
     for name, (lo, hi) in cut.items():
         torch.testing.assert_close(indexed[name][0], lo, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(indexed[name][1], hi, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_patch_bounds_at_eps_zero_are_the_values(seed):
+    """A box of one point: each patch-bounded neuron's bounds are its value there (both)."""
+    graph = _random_chain(seed)
+    x = bg.input_box(torch.Generator().manual_seed(700 + seed), graph.input_shape, batch=2).lo
+    box = type(bg.input_box(torch.Generator(), graph.input_shape))(x, x.clone())
+    values = graph.forward(x, return_all=True)
+    # at a point every neuron is stable, so refine_node has nothing to refine: bound every
+    # neuron of each chain's node directly
+    with torch.no_grad():
+        engine = lb.LinearBoundEngine(graph, propagate_box(graph, box))
+        engine.refine_intermediate()
+        checked = 0
+        for node in graph.nodes:
+            chain = conv_patches.patch_chain(engine, node.name) if len(graph.shapes[node.name]) == 3 else None
+            if not chain:
+                continue
+            n = int(torch.tensor(graph.shapes[node.name]).prod())
+            b = torch.arange(2).repeat_interleave(n)
+            neurons = torch.arange(n).repeat(2)
+            lo, minus_hi = conv_patches.bound_patches(engine, node.name, chain, b, neurons, (1, -1))
+            want = values[node.name].reshape(-1)
+            torch.testing.assert_close(lo, want, rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(-minus_hi, want, rtol=1e-9, atol=1e-9)
+            checked += 1
+    assert checked
